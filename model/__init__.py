@@ -1,0 +1,1 @@
+"""Galen's networks, tokenizer, losses and decoding. Imports neither `flows` nor `serve`."""

@@ -1,0 +1,719 @@
+"""The unified tokenizer: text pieces, `<mask>`, image codes and location bins in one id space.
+
+Id layout (OFA style; the network's embedding table is indexed by these ids):
+
+    0 <s>   1 <pad>   2 </s>   3 <unk>                     fixed special ids
+    4 .. T-1                                               text pieces (T = text.vocab_size)
+    T                                                      <mask>
+    T+1 .. T+num_codes                                     <code_0> .. <code_{num_codes-1}>
+    T+1+num_codes .. T+num_codes+num_bins                  <bin_0> .. <bin_{num_bins-1}>
+
+The text part is a pluggable `TextTokenizer` (SentencePiece today, GPT-2 byte-level BPE for
+imported checkpoints later); codes and bins live outside it, so the text model never wastes
+pieces on them and their ids depend only on `text.vocab_size`.
+
+Spacing rule (what makes `decode(encode(x)) == x`): a special token (`<mask>`, `<code_N>`,
+`<bin_N>`) written in text absorbs at most one plain space on each side; `decode` puts exactly
+one space between a special token and its neighbour. So "a <mask> b" and "<bin_1> <bin_2>"
+round-trip exactly, while "a<mask>b" comes back as "a <mask> b" and two spaces between two
+special tokens come back as one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import operator
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import sentencepiece as spm
+import torch
+
+from model.errors import GalenTokenizerError
+
+BOS_ID = 0
+PAD_ID = 1
+EOS_ID = 2
+UNK_ID = 3
+NUM_SPECIALS = 4
+DEFAULT_NUM_CODES = 8192
+DEFAULT_NUM_BINS = 1000
+TOKENIZER_JSON = "tokenizer.json"
+FORMAT_VERSION = 1
+SPM_FILE = "spm.model"
+
+_MISSING_HINT = "run `galen tokenizer train` or copy the tokenizer files beside the model"
+# Only these are parsed out of user text; <s>, </s>, <pad>, <unk> stay plain text so a prompt
+# can never inject control tokens.
+_SPECIAL_RE = re.compile(r"<(?:(mask)|code_([0-9]+)|bin_([0-9]+))>")
+_SPECIAL_NAMES = {BOS_ID: "<s>", PAD_ID: "<pad>", EOS_ID: "</s>"}
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    """The text part of the vocabulary; implementations are registered in TEXT_TOKENIZER_KINDS.
+
+    Contract: ids 0..3 are <s> <pad> </s> <unk>; `encode` returns ids in 4..vocab_size-1 (or 3
+    for unknown text) without bos/eos; `vocab_size` counts the 4 specials.
+    """
+
+    kind: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save(self, directory: Path) -> list[str]: ...
+
+    @classmethod
+    def load(cls, directory: Path, files: Sequence[str]) -> TextTokenizer: ...
+
+
+class SentencePieceText(TextTokenizer):
+    """Galen's own text tokenizer: a SentencePiece model whose ids equal ours for 0..T-1.
+
+    It is kept as the serialized proto (bytes), so saving and loading never touch temp files.
+    """
+
+    kind: ClassVar[str] = "sentencepiece"
+
+    def __init__(self, model_proto: bytes) -> None:
+        if not isinstance(model_proto, (bytes, bytearray)) or not model_proto:
+            raise GalenTokenizerError(
+                "SentencePieceText needs the non-empty bytes of a SentencePiece model "
+                f"(got {type(model_proto).__name__}); read them from spm.model or train one "
+                "with train_sentencepiece()"
+            )
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(bytes(model_proto))
+        except (RuntimeError, OSError) as exc:
+            raise GalenTokenizerError(
+                f"these bytes are not a SentencePiece model ({exc}); the file is corrupt or "
+                f"not a tokenizer: {_MISSING_HINT}"
+            ) from exc
+        got = (processor.bos_id(), processor.pad_id(), processor.eos_id(), processor.unk_id())
+        if got != (BOS_ID, PAD_ID, EOS_ID, UNK_ID):
+            raise GalenTokenizerError(
+                f"SentencePiece model has special ids bos/pad/eos/unk = {got}, Galen needs "
+                f"{(BOS_ID, PAD_ID, EOS_ID, UNK_ID)}; retrain it with train_sentencepiece()"
+            )
+        if processor.get_piece_size() <= NUM_SPECIALS:
+            raise GalenTokenizerError(
+                "SentencePiece model has no text pieces; retrain it on a real corpus"
+            )
+        self._proto = bytes(model_proto)
+        self._sp = processor
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        """Number of ids the text part uses, the 4 specials included."""
+        return self._sp.get_piece_size()
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model, exactly what `save` writes."""
+        return self._proto
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` (no bos/eos); byte fallback means nothing is <unk>."""
+        return list(self._sp.encode(text, out_type=int))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of text-range ids (4..vocab_size-1, and 3 rendered by SentencePiece)."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def save(self, directory: Path) -> list[str]:
+        """Write `spm.model` into `directory`; returns the file names written."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / SPM_FILE).write_bytes(self._proto)
+        return [SPM_FILE]
+
+    @classmethod
+    def load(cls, directory: Path, files: Sequence[str] = (SPM_FILE,)) -> SentencePieceText:
+        """Read the model saved by `save` (the first of `files`, normally `spm.model`)."""
+        if not files:
+            raise GalenTokenizerError(
+                f"no SentencePiece file is listed for {directory}; expected [{SPM_FILE!r}] "
+                f"in {TOKENIZER_JSON}: {_MISSING_HINT}"
+            )
+        path = Path(directory) / files[0]
+        if not path.is_file():
+            raise GalenTokenizerError(f"tokenizer file {path} is missing: {_MISSING_HINT}")
+        return cls(path.read_bytes())
+
+    def __repr__(self) -> str:
+        return f"SentencePieceText(vocab_size={self.vocab_size})"
+
+
+TextLoader = Callable[[Path, Sequence[str]], TextTokenizer]
+
+# text_kind (as written in tokenizer.json) -> loader of that kind's files.
+TEXT_TOKENIZER_KINDS: dict[str, TextLoader] = {SentencePieceText.kind: SentencePieceText.load}
+
+
+def _spm_error(exc: RuntimeError, vocab_size: int) -> GalenTokenizerError:
+    """Turn SentencePiece's terse trainer errors into ones that say what to change."""
+    message = str(exc)
+    high = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", message)
+    if high:
+        return GalenTokenizerError(
+            f"the corpus is too small for vocab_size={vocab_size}: it supports at most "
+            f"{high.group(2)} pieces; pass vocab_size<={high.group(2)} or train on more text"
+        )
+    low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if low:
+        return GalenTokenizerError(
+            f"vocab_size={vocab_size} cannot hold the {low.group(2)} pieces that must exist "
+            "(4 specials, 256 byte-fallback bytes and every character of the corpus); pass "
+            f"vocab_size>={low.group(2)} or lower character_coverage"
+        )
+    return GalenTokenizerError(f"SentencePiece training failed: {message}")
+
+
+def _corpus_lines(texts: Iterable[str] | None, corpus_files: Sequence[str | Path] | None) -> Iterator[str]:
+    """One sentence per line from texts or files, blank lines dropped, read lazily."""
+    if isinstance(texts, (str, bytes)):
+        raise GalenTokenizerError(
+            "texts must be an iterable of sentences, not one string; wrap it as [text]"
+        )
+    if corpus_files is not None and isinstance(corpus_files, (str, Path)):
+        corpus_files = [corpus_files]
+    if texts is None and not corpus_files:
+        raise GalenTokenizerError("the corpus is empty: pass texts=[...] or corpus_files=[...]")
+    if texts is not None and corpus_files:
+        raise GalenTokenizerError("pass either texts or corpus_files, not both")
+    for path in corpus_files or ():
+        if not Path(path).is_file():
+            raise GalenTokenizerError(f"corpus file {path} does not exist; check the path")
+
+    def from_texts() -> Iterator[str]:
+        for i, text in enumerate(texts or ()):
+            if not isinstance(text, str):
+                raise GalenTokenizerError(
+                    f"corpus item {i} is {type(text).__name__}, not str; decode it to text first"
+                )
+            yield from text.splitlines()
+
+    def from_files() -> Iterator[str]:
+        for path in corpus_files or ():
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    yield line.rstrip("\r\n")
+
+    source = from_texts() if texts is not None else from_files()
+    return (line for line in source if line.strip())
+
+
+def train_sentencepiece(
+    texts: Iterable[str] | None,
+    out_dir: str | Path,
+    *,
+    corpus_files: Sequence[str | Path] | None = None,
+    vocab_size: int = 8000,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    seed: int = 0,
+    num_threads: int = 8,
+    input_sentence_size: int = 0,
+    verbose: bool = False,
+) -> SentencePieceText:
+    """Train Galen's text tokenizer and write `out_dir/spm.model`.
+
+    Normalization is "identity" with whitespace kept as written: biomedical text depends on
+    case ("CT", "T2", "pH") and on symbols NFKC would rewrite (micro sign "µ" -> Greek "μ",
+    "m²" -> "m2", full-width digits), so any NFKC rule would make decode(encode(x)) != x.
+    byte_fallback makes every character encodable (never <unk>). Codes and bins are not
+    user_defined_symbols: they live outside the SentencePiece model.
+
+    Deterministic: the same corpus, arguments, seed and num_threads give the same model bytes
+    (num_threads is fixed rather than taken from the machine for that reason).
+    """
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= NUM_SPECIALS:
+        raise GalenTokenizerError(
+            f"vocab_size must be an int above {NUM_SPECIALS}, got {vocab_size!r}"
+        )
+    if model_type not in ("unigram", "bpe", "char", "word"):
+        raise GalenTokenizerError(
+            f"model_type {model_type!r} is not a SentencePiece model type; use unigram, bpe, "
+            "char or word"
+        )
+    if not isinstance(character_coverage, (int, float)) or not 0.0 < character_coverage <= 1.0:
+        raise GalenTokenizerError(
+            f"character_coverage must be in (0, 1], got {character_coverage!r}"
+        )
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise GalenTokenizerError(f"num_threads must be an int >= 1, got {num_threads!r}")
+
+    lines = _corpus_lines(texts, corpus_files)
+    first = next(lines, None)
+    if first is None:
+        raise GalenTokenizerError(
+            "the corpus is empty (no non-blank lines); give it the text the model will read"
+        )
+
+    spm.set_random_generator_seed(int(seed))
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=chain([first], lines),
+            model_writer=writer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=float(character_coverage),
+            bos_id=BOS_ID,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=num_threads,
+            minloglevel=0 if verbose else 2,
+        )
+    except RuntimeError as exc:
+        raise _spm_error(exc, vocab_size) from exc
+
+    text = SentencePieceText(writer.getvalue())
+    text.save(Path(out_dir))
+    return text
+
+
+def _as_int_list(ids: Any, what: str) -> list[int]:
+    """ids from a list, tuple or 1-D tensor/array as plain ints, with a clear error otherwise."""
+    if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
+        ids = ids.tolist()
+    if isinstance(ids, (int, str, bytes)) or not isinstance(ids, Iterable):
+        raise GalenTokenizerError(f"{what} must be a sequence of ints, got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        if isinstance(i, bool):
+            raise GalenTokenizerError(f"{what} holds a bool ({i!r}); pass integer ids")
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            raise GalenTokenizerError(
+                f"{what} must hold ints only, found {type(i).__name__} {i!r}"
+                + ("; decode one sequence at a time" if isinstance(i, (list, tuple)) else "")
+            ) from None
+    return out
+
+
+def _finite(value: Any, what: str) -> float:
+    """A real number as float, rejecting text, bools, NaN and infinities."""
+    if isinstance(value, (str, bytes, bool)):
+        raise GalenTokenizerError(f"{what} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise GalenTokenizerError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise GalenTokenizerError(f"{what} must be finite, got {number}")
+    return number
+
+
+def _count(value: Any, what: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise GalenTokenizerError(f"{what} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class GalenTokenizer:
+    """Maps prompts, targets, boxes and image codes to the model's ids and back."""
+
+    bos_id: int = BOS_ID
+    pad_id: int = PAD_ID
+    eos_id: int = EOS_ID
+    unk_id: int = UNK_ID
+
+    def __init__(
+        self,
+        text: TextTokenizer,
+        num_codes: int = DEFAULT_NUM_CODES,
+        num_bins: int = DEFAULT_NUM_BINS,
+    ) -> None:
+        if not isinstance(text, TextTokenizer):
+            raise GalenTokenizerError(
+                f"text must implement TextTokenizer (kind, vocab_size, encode, decode, save, "
+                f"load), got {type(text).__name__}"
+            )
+        text_vocab = _count(text.vocab_size, "text.vocab_size", NUM_SPECIALS + 1)
+        self.text = text
+        self.num_codes = _count(num_codes, "num_codes", 1)
+        # Two bins at least: box coordinates are scaled by (num_bins - 1).
+        self.num_bins = _count(num_bins, "num_bins", 2)
+        self.mask_id = text_vocab
+        self.code_offset = self.mask_id + 1
+        self.bin_offset = self.code_offset + self.num_codes
+        self.vocab_size = self.bin_offset + self.num_bins
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"GalenTokenizer(text={self.text!r}, num_codes={self.num_codes}, "
+            f"num_bins={self.num_bins}, vocab_size={self.vocab_size})"
+        )
+
+    # ----------------------------------------------------------------- id classes
+    def is_code(self, token_id: int) -> bool:
+        """Whether `token_id` is an image code `<code_N>`."""
+        return self.code_offset <= token_id < self.bin_offset
+
+    def is_bin(self, token_id: int) -> bool:
+        """Whether `token_id` is a location bin `<bin_N>`."""
+        return self.bin_offset <= token_id < self.vocab_size
+
+    def code_tokens(self, codes: Sequence[int]) -> list[int]:
+        """Ids of image codes (e.g. a VQ-GAN's indices 0..num_codes-1)."""
+        values = _as_int_list(codes, "codes")
+        for c in values:
+            if not 0 <= c < self.num_codes:
+                raise GalenTokenizerError(
+                    f"image code {c} is outside 0..{self.num_codes - 1}; the image quantizer "
+                    f"and the tokenizer disagree on num_codes ({self.num_codes})"
+                )
+        return [self.code_offset + c for c in values]
+
+    def tokens_to_codes(self, ids: Sequence[int]) -> list[int]:
+        """Inverse of `code_tokens`: image code indices of code ids."""
+        values = _as_int_list(ids, "ids")
+        for i in values:
+            if not self.is_code(i):
+                raise GalenTokenizerError(f"id {i} is not an image code id")
+        return [i - self.code_offset for i in values]
+
+    # ----------------------------------------------------------------- text
+    def _special_id(self, match: re.Match[str]) -> int:
+        if match.group(1):
+            return self.mask_id
+        digits, size, offset, name = (
+            (match.group(2), self.num_codes, self.code_offset, "code")
+            if match.group(2) is not None
+            else (match.group(3), self.num_bins, self.bin_offset, "bin")
+        )
+        value = int(digits)
+        if str(value) != digits:
+            raise GalenTokenizerError(
+                f"{match.group(0)} has leading zeros; write <{name}_{value}>"
+            )
+        if value >= size:
+            raise GalenTokenizerError(
+                f"{match.group(0)} is out of range: this tokenizer has {name}s 0..{size - 1}; "
+                f"fix the text or use a tokenizer with more {name}s"
+            )
+        return offset + value
+
+    def _encode_text(self, segment: str) -> list[int]:
+        ids = self.text.encode(segment)
+        for i in ids:
+            if not (i == UNK_ID or NUM_SPECIALS <= i < self.mask_id):
+                raise GalenTokenizerError(
+                    f"text tokenizer {self.text.kind!r} returned id {i} outside the text range "
+                    f"4..{self.mask_id - 1}; it breaks the TextTokenizer contract"
+                )
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` without bos/eos; `<mask>`, `<code_N>`, `<bin_N>` become their ids."""
+        if not isinstance(text, str):
+            raise GalenTokenizerError(f"text must be str, got {type(text).__name__}")
+        ids: list[int] = []
+        position = 0
+        matches = list(_SPECIAL_RE.finditer(text))
+        for k, match in enumerate(matches + [None]):
+            end = match.start() if match is not None else len(text)
+            segment = text[position:end]
+            if k > 0 and segment.startswith(" "):  # separator after the previous special
+                segment = segment[1:]
+            if match is not None and segment.endswith(" "):  # separator before this special
+                segment = segment[:-1]
+            if segment:
+                ids.extend(self._encode_text(segment))
+            if match is not None:
+                ids.append(self._special_id(match))
+                position = match.end()
+        return ids
+
+    def _token_name(self, token_id: int) -> str:
+        if token_id == self.mask_id:
+            return "<mask>"
+        if self.is_code(token_id):
+            return f"<code_{token_id - self.code_offset}>"
+        if self.is_bin(token_id):
+            return f"<bin_{token_id - self.bin_offset}>"
+        return _SPECIAL_NAMES[token_id]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; one space separates each special token from its neighbours.
+
+        bos/pad/eos are dropped when `skip_special_tokens`, otherwise shown as <s> <pad> </s>;
+        mask, codes and bins are always shown. Nothing stops decoding early (cut at eos first
+        if that is wanted).
+        """
+        values = _as_int_list(ids, "ids")
+        parts: list[tuple[bool, str]] = []  # (is_special, text)
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                parts.append((False, self.text.decode(run)))
+                run.clear()
+
+        for i in values:
+            if not 0 <= i < self.vocab_size:
+                raise GalenTokenizerError(
+                    f"id {i} is outside the vocabulary 0..{self.vocab_size - 1}; the ids come "
+                    "from a model with a different vocab_size than this tokenizer"
+                )
+            if i in _SPECIAL_NAMES and skip_special_tokens:
+                continue
+            if i == UNK_ID or NUM_SPECIALS <= i < self.mask_id:
+                run.append(i)
+                continue
+            flush()
+            parts.append((True, self._token_name(i)))
+        flush()
+
+        out: list[str] = []
+        for k, (special, piece) in enumerate(parts):
+            if k > 0 and (special or parts[k - 1][0]):
+                out.append(" ")
+            out.append(piece)
+        return "".join(out)
+
+    def _finish(
+        self, ids: list[int], what: str, max_length: int | None, truncate: bool
+    ) -> list[int]:
+        if max_length is None:
+            return ids
+        _count(max_length, "max_length", 2)
+        if len(ids) <= max_length:
+            return ids
+        if truncate:
+            return ids[: max_length - 1] + [self.eos_id]
+        raise GalenTokenizerError(
+            f"{what} is {len(ids)} tokens long (with its special tokens), over max_length="
+            f"{max_length}; shorten it, raise max_length, or pass truncate=True to cut it"
+        )
+
+    def _check_nonempty(self, text: str, what: str) -> None:
+        if not isinstance(text, str):
+            raise GalenTokenizerError(f"{what} must be str, got {type(text).__name__}")
+        if not text.strip():
+            raise GalenTokenizerError(
+                f"{what} is empty or only whitespace; give the model some text"
+            )
+
+    def encode_prompt(
+        self, text: str, max_length: int | None = None, truncate: bool = False
+    ) -> list[int]:
+        """Encoder input: `[bos] + encode(text) + [eos]`; never truncated unless asked."""
+        self._check_nonempty(text, "prompt")
+        ids = [self.bos_id] + self.encode(text) + [self.eos_id]
+        return self._finish(ids, "prompt", max_length, truncate)
+
+    def encode_target(
+        self, text: str, max_length: int | None = None, truncate: bool = False
+    ) -> list[int]:
+        """Decoder target: `encode(text) + [eos]` (the decoder input gets bos prepended)."""
+        self._check_nonempty(text, "target")
+        ids = self.encode(text) + [self.eos_id]
+        return self._finish(ids, "target", max_length, truncate)
+
+    # ----------------------------------------------------------------- boxes
+    def _image_side(self, width: Any, height: Any) -> tuple[float, float]:
+        w = _finite(width, "image width")
+        h = _finite(height, "image height")
+        if w <= 0 or h <= 0:
+            raise GalenTokenizerError(f"image size must be positive, got {w} x {h}")
+        return w, h
+
+    def box_to_tokens(self, box: Sequence[float], width: float, height: float) -> list[int]:
+        """Bin ids of a pixel box (x0, y0, x1, y1): bin = round(coord / side * (num_bins - 1)).
+
+        Rounding is Python's (half to even), as torch.round in OFA's preprocessing.
+        """
+        w, h = self._image_side(width, height)
+        if hasattr(box, "tolist") and not isinstance(box, (list, tuple)):
+            box = box.tolist()
+        if isinstance(box, (str, bytes)) or not isinstance(box, Iterable):
+            raise GalenTokenizerError(
+                f"box must be 4 numbers (x0, y0, x1, y1), got {type(box).__name__}"
+            )
+        coords = list(box)
+        if len(coords) != 4:
+            raise GalenTokenizerError(
+                f"box must be 4 numbers (x0, y0, x1, y1), got {len(coords)}"
+            )
+        x0, y0, x1, y1 = (_finite(v, f"box[{k}]") for k, v in enumerate(coords))
+        if x1 < x0 or y1 < y0:
+            raise GalenTokenizerError(
+                f"box {(x0, y0, x1, y1)} has x1 < x0 or y1 < y0; give (x0, y0, x1, y1) with "
+                "the top-left corner first"
+            )
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            raise GalenTokenizerError(
+                f"box {(x0, y0, x1, y1)} is outside the {w} x {h} image; clip it to "
+                "[0, width] x [0, height] or pass the image's real size"
+            )
+        scale = self.num_bins - 1
+        bins = (round(x0 / w * scale), round(y0 / h * scale), round(x1 / w * scale), round(y1 / h * scale))
+        return [self.bin_offset + b for b in bins]
+
+    def tokens_to_box(
+        self, ids: Sequence[int], width: float, height: float
+    ) -> tuple[float, float, float, float]:
+        """Pixel box of 4 bin ids: coord = bin / (num_bins - 1) * side (order not checked)."""
+        w, h = self._image_side(width, height)
+        values = _as_int_list(ids, "ids")
+        if len(values) != 4 or not all(self.is_bin(i) for i in values):
+            raise GalenTokenizerError(
+                f"a box is exactly 4 bin ids ({self.bin_offset}..{self.vocab_size - 1}), got "
+                f"{values}; the model did not produce a box here"
+            )
+        scale = self.num_bins - 1
+        b = [i - self.bin_offset for i in values]
+        return (b[0] / scale * w, b[1] / scale * h, b[2] / scale * w, b[3] / scale * h)
+
+    def box_to_text(self, box: Sequence[float], width: float, height: float) -> str:
+        """The box as text, "<bin_a> <bin_b> <bin_c> <bin_d>", for building prompts/targets."""
+        return " ".join(self._token_name(i) for i in self.box_to_tokens(box, width, height))
+
+    # ----------------------------------------------------------------- batching
+    def pad_batch(
+        self,
+        sequences: Sequence[Sequence[int]],
+        pad_to_multiple_of: int | None = None,
+        side: str = "right",
+    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """(ids [B, L] padded with pad_id, mask [B, L] True on real tokens)."""
+        if side not in ("right", "left"):
+            raise GalenTokenizerError(f"side must be 'right' or 'left', got {side!r}")
+        if pad_to_multiple_of is not None:
+            _count(pad_to_multiple_of, "pad_to_multiple_of", 1)
+        if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Iterable):
+            raise GalenTokenizerError("sequences must be a list of id sequences")
+        rows = [_as_int_list(s, f"sequence {k}") for k, s in enumerate(sequences)]
+        if not rows:
+            raise GalenTokenizerError("cannot pad an empty batch; pass at least one sequence")
+        for k, row in enumerate(rows):
+            if not row:
+                raise GalenTokenizerError(
+                    f"sequence {k} is empty; an all-padding row has nothing to attend to, drop it"
+                )
+            bad = [i for i in row if not 0 <= i < self.vocab_size]
+            if bad:
+                raise GalenTokenizerError(
+                    f"sequence {k} has ids {bad[:5]} outside 0..{self.vocab_size - 1}"
+                )
+        length = max(len(r) for r in rows)
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for k, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(length - len(row), length)
+            ids[k, span] = torch.tensor(row, dtype=torch.long)
+            mask[k, span] = True
+        return ids, mask  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- files
+    def save(self, directory: str | Path) -> None:
+        """Write the text tokenizer's files and tokenizer.json (plain JSON, nothing pickled)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = self.text.save(directory)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "text_kind": self.text.kind,
+            "text_files": list(files),
+            "num_codes": self.num_codes,
+            "num_bins": self.num_bins,
+            "vocab_size": self.vocab_size,
+            "special_ids": {
+                "bos": self.bos_id,
+                "pad": self.pad_id,
+                "eos": self.eos_id,
+                "unk": self.unk_id,
+                "mask": self.mask_id,
+                "code_offset": self.code_offset,
+                "bin_offset": self.bin_offset,
+            },
+        }
+        (directory / TOKENIZER_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> GalenTokenizer:
+        """Rebuild a saved tokenizer, checking that its files agree with tokenizer.json."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise GalenTokenizerError(f"tokenizer folder {directory} does not exist: {_MISSING_HINT}")
+        meta_path = directory / TOKENIZER_JSON
+        if not meta_path.is_file():
+            raise GalenTokenizerError(f"{meta_path} is missing: {_MISSING_HINT}")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GalenTokenizerError(f"{meta_path} is not valid JSON ({exc}): {_MISSING_HINT}") from exc
+        if not isinstance(meta, dict):
+            raise GalenTokenizerError(f"{meta_path} must hold a JSON object: {_MISSING_HINT}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise GalenTokenizerError(
+                f"{meta_path} has format_version {meta.get('format_version')!r}; this Galen "
+                f"reads version {FORMAT_VERSION}; upgrade Galen or re-save the tokenizer"
+            )
+        kind = meta.get("text_kind")
+        if kind not in TEXT_TOKENIZER_KINDS:
+            raise GalenTokenizerError(
+                f"{meta_path} names text_kind {kind!r}, which this Galen cannot load; known "
+                f"kinds: {sorted(TEXT_TOKENIZER_KINDS)}"
+            )
+        files = meta.get("text_files")
+        if not isinstance(files, list) or not all(
+            isinstance(f, str) and f and Path(f).name == f and f not in (".", "..") for f in files
+        ):
+            raise GalenTokenizerError(
+                f"{meta_path} text_files must be a list of plain file names in the same folder, "
+                f"got {files!r}"
+            )
+        for name in files:
+            if not (directory / name).is_file():
+                raise GalenTokenizerError(
+                    f"tokenizer file {directory / name} (listed in {TOKENIZER_JSON}) is missing: "
+                    f"{_MISSING_HINT}"
+                )
+        text = TEXT_TOKENIZER_KINDS[kind](directory, files)
+        tokenizer = cls(text, num_codes=meta.get("num_codes"), num_bins=meta.get("num_bins"))
+        expected = meta.get("vocab_size")
+        if expected != tokenizer.vocab_size:
+            raise GalenTokenizerError(
+                f"{meta_path} says vocab_size {expected!r} but its files give "
+                f"{tokenizer.vocab_size}; the tokenizer files are corrupt or mixed from "
+                "different tokenizers: copy all of them from the same save"
+            )
+        specials = meta.get("special_ids")
+        if isinstance(specials, dict):
+            actual = {
+                "bos": tokenizer.bos_id, "pad": tokenizer.pad_id, "eos": tokenizer.eos_id,
+                "unk": tokenizer.unk_id, "mask": tokenizer.mask_id,
+                "code_offset": tokenizer.code_offset, "bin_offset": tokenizer.bin_offset,
+            }
+            wrong = {k: v for k, v in specials.items() if k in actual and actual[k] != v}
+            if wrong:
+                raise GalenTokenizerError(
+                    f"{meta_path} special_ids {wrong} disagree with the loaded tokenizer "
+                    f"{ {k: actual[k] for k in wrong} }; the files are corrupt or mixed"
+                )
+        return tokenizer
