@@ -31,6 +31,11 @@ from model.positions import (AbsolutePositionBias, RelativeBuckets, image_positi
 from model.vision import BACKBONE_CHANNELS, ResNetStages, check_images
 
 
+def linear_drop_path(rate: float, layers: int) -> list[float]:
+    """Drop-path probability rising linearly from 0 at the first layer to `rate` at the last."""
+    return [rate * i / max(layers - 1, 1) for i in range(layers)]
+
+
 def _masked(bias: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
     """Add a key-padding mask (B, S) to a bias (B|1, H, T, S); masked keys get the dtype's minimum.
 
@@ -128,7 +133,7 @@ class Encoder(nn.Module):
         self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
         self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
         self.abs_pos = AbsolutePositionBias(d, heads, cfg.attention_scale)
-        drop_paths = torch.linspace(0, cfg.encoder_drop_path_rate, cfg.encoder_layers).tolist()
+        drop_paths = linear_drop_path(cfg.encoder_drop_path_rate, cfg.encoder_layers)
         self.layers = nn.ModuleList(EncoderLayer(cfg, p) for p in drop_paths)
         self.layer_norm = nn.LayerNorm(d)
         self.token_rel_pos_table_list = nn.ModuleList(
@@ -260,7 +265,7 @@ class Decoder(nn.Module):
         self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
         self.self_abs_pos = AbsolutePositionBias(d, heads, cfg.attention_scale)
         self.cross_abs_pos = AbsolutePositionBias(d, heads, cfg.attention_scale)
-        drop_paths = torch.linspace(0, cfg.decoder_drop_path_rate, cfg.decoder_layers).tolist()
+        drop_paths = linear_drop_path(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(DecoderLayer(cfg, p) for p in drop_paths)
         self.layer_norm = nn.LayerNorm(d)
         self.token_rel_pos_table_list = nn.ModuleList(

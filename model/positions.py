@@ -71,6 +71,10 @@ class RelativeBuckets(nn.Module):
     def __init__(self, token_bucket_size: int, image_bucket_size: int, max_positions: int, code_grid: int):
         super().__init__()
         self.image_grid = image_bucket_size
+        with torch.device("cpu"):  # real tables even when the model is built on the meta device
+            self._build(token_bucket_size, image_bucket_size, max_positions, code_grid)
+
+    def _build(self, token_bucket_size: int, image_bucket_size: int, max_positions: int, code_grid: int) -> None:
         self.register_buffer("token", token_relative_buckets(token_bucket_size, max_positions).int(), persistent=False)
         self.register_buffer("image", image_relative_buckets(image_bucket_size).int(), persistent=False)
         self.register_buffer("code_positions", code_position_ids(code_grid, image_bucket_size, max_positions + 2),

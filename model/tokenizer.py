@@ -25,6 +25,7 @@ import io
 import json
 import math
 import operator
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
@@ -178,7 +179,9 @@ def _spm_error(exc: RuntimeError, vocab_size: int) -> GalenTokenizerError:
     return GalenTokenizerError(f"SentencePiece training failed: {message}")
 
 
-def _corpus_lines(texts: Iterable[str] | None, corpus_files: Sequence[str | Path] | None) -> Iterator[str]:
+def _corpus_lines(
+    texts: Iterable[str] | None, corpus_files: Sequence[str | Path] | None
+) -> Iterator[str]:
     """One sentence per line from texts or files, blank lines dropped, read lazily."""
     if isinstance(texts, (str, bytes)):
         raise GalenTokenizerError(
@@ -212,6 +215,20 @@ def _corpus_lines(texts: Iterable[str] | None, corpus_files: Sequence[str | Path
     return (line for line in source if line.strip())
 
 
+def _reservoir_sample(lines: Iterable[str], size: int, seed: int) -> list[str]:
+    """A uniform sample of `size` lines in one pass, the same for the same seed."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for i, line in enumerate(lines):
+        if i < size:
+            sample.append(line)
+        else:
+            j = rng.randrange(i + 1)
+            if j < size:
+                sample[j] = line
+    return sample
+
+
 def train_sentencepiece(
     texts: Iterable[str] | None,
     out_dir: str | Path,
@@ -234,12 +251,11 @@ def train_sentencepiece(
     user_defined_symbols: they live outside the SentencePiece model.
 
     Deterministic: the same corpus, arguments, seed and num_threads give the same model bytes
-    (num_threads is fixed rather than taken from the machine for that reason).
+    in any process (num_threads is fixed rather than taken from the machine for that reason).
+    `input_sentence_size` > 0 trains on a sample of that many lines, drawn here with
+    `random.Random(seed)`, because SentencePiece's own sampling differs from run to run.
     """
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= NUM_SPECIALS:
-        raise GalenTokenizerError(
-            f"vocab_size must be an int above {NUM_SPECIALS}, got {vocab_size!r}"
-        )
+    _count(vocab_size, "vocab_size", NUM_SPECIALS + 1)
     if model_type not in ("unigram", "bpe", "char", "word"):
         raise GalenTokenizerError(
             f"model_type {model_type!r} is not a SentencePiece model type; use unigram, bpe, "
@@ -251,6 +267,13 @@ def train_sentencepiece(
         )
     if not isinstance(num_threads, int) or num_threads < 1:
         raise GalenTokenizerError(f"num_threads must be an int >= 1, got {num_threads!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise GalenTokenizerError(f"seed must be an int, got {seed!r}")
+    if not isinstance(input_sentence_size, int) or input_sentence_size < 0:
+        raise GalenTokenizerError(
+            f"input_sentence_size must be an int >= 0 (0 = use every line), got "
+            f"{input_sentence_size!r}"
+        )
 
     lines = _corpus_lines(texts, corpus_files)
     first = next(lines, None)
@@ -259,11 +282,23 @@ def train_sentencepiece(
             "the corpus is empty (no non-blank lines); give it the text the model will read"
         )
 
-    spm.set_random_generator_seed(int(seed))
+    sentences: Iterator[str] = chain([first], lines)
+    if input_sentence_size:
+        sentences = iter(_reservoir_sample(sentences, input_sentence_size, seed))
+    failures: list[GalenTokenizerError] = []
+
+    def guarded(items: Iterator[str]) -> Iterator[str]:
+        # SentencePiece turns exceptions raised by the iterator into a RuntimeError; keep ours.
+        try:
+            yield from items
+        except GalenTokenizerError as exc:
+            failures.append(exc)
+            raise
+
     writer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=chain([first], lines),
+            sentence_iterator=guarded(sentences),
             model_writer=writer,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -276,12 +311,13 @@ def train_sentencepiece(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=True,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,
             num_threads=num_threads,
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as exc:
+        if failures:
+            raise failures[0] from None
         raise _spm_error(exc, vocab_size) from exc
 
     text = SentencePieceText(writer.getvalue())
@@ -323,6 +359,7 @@ def _finite(value: Any, what: str) -> float:
 
 
 def _count(value: Any, what: str, minimum: int) -> int:
+    """An int of at least `minimum` (bools refused), or an error naming the argument."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise GalenTokenizerError(f"{what} must be an int >= {minimum}, got {value!r}")
     return value
@@ -569,8 +606,8 @@ class GalenTokenizer:
                 "[0, width] x [0, height] or pass the image's real size"
             )
         scale = self.num_bins - 1
-        bins = (round(x0 / w * scale), round(y0 / h * scale), round(x1 / w * scale), round(y1 / h * scale))
-        return [self.bin_offset + b for b in bins]
+        bins = (x0 / w, y0 / h, x1 / w, y1 / h)
+        return [self.bin_offset + round(b * scale) for b in bins]
 
     def tokens_to_box(
         self, ids: Sequence[int], width: float, height: float
@@ -659,14 +696,18 @@ class GalenTokenizer:
         """Rebuild a saved tokenizer, checking that its files agree with tokenizer.json."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise GalenTokenizerError(f"tokenizer folder {directory} does not exist: {_MISSING_HINT}")
+            raise GalenTokenizerError(
+                f"tokenizer folder {directory} does not exist: {_MISSING_HINT}"
+            )
         meta_path = directory / TOKENIZER_JSON
         if not meta_path.is_file():
             raise GalenTokenizerError(f"{meta_path} is missing: {_MISSING_HINT}")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GalenTokenizerError(f"{meta_path} is not valid JSON ({exc}): {_MISSING_HINT}") from exc
+            raise GalenTokenizerError(
+                f"{meta_path} is not valid JSON ({exc}): {_MISSING_HINT}"
+            ) from exc
         if not isinstance(meta, dict):
             raise GalenTokenizerError(f"{meta_path} must hold a JSON object: {_MISSING_HINT}")
         if meta.get("format_version") != FORMAT_VERSION:
@@ -695,7 +736,10 @@ class GalenTokenizer:
                     f"{_MISSING_HINT}"
                 )
         text = TEXT_TOKENIZER_KINDS[kind](directory, files)
-        tokenizer = cls(text, num_codes=meta.get("num_codes"), num_bins=meta.get("num_bins"))
+        try:
+            tokenizer = cls(text, num_codes=meta.get("num_codes"), num_bins=meta.get("num_bins"))
+        except GalenTokenizerError as exc:
+            raise GalenTokenizerError(f"{meta_path}: {exc}; re-save the tokenizer") from exc
         expected = meta.get("vocab_size")
         if expected != tokenizer.vocab_size:
             raise GalenTokenizerError(

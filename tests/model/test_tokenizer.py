@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import json
+import os
 import random
+import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +35,11 @@ def make_corpus(n: int = 600, seed: int = 7) -> list[str]:
     sizes = ["a small", "a large", "a faint", "an irregular", "a well-defined", "a 5 mm",
              "a 12 mm", "a spiculated", "a calcified", "a cystic"]
     findings = ["nodule", "mass", "opacity", "lesion", "effusion", "consolidation",
-                "fracture", "haemorrhage", "infarct", "abscess"]
+                "fracture", "haemorrhage", "infarct", "abscess", "aneurysm", "stenosis",
+               "thrombus", "granuloma", "atelectasis", "pneumothorax"]
     places = ["left upper lobe", "right lower lobe", "liver", "left kidney", "spleen",
-              "pancreatic head", "frontal lobe", "thyroid gland", "right breast", "pleural space"]
+              "pancreatic head", "frontal lobe", "thyroid gland", "right breast", "pleural space",
+              "gallbladder", "adrenal gland", "cerebellum", "mediastinum", "prostate"]
     extras = ["", " with surrounding oedema", " without enhancement", ", stable since 2019",
               ", new compared with prior imaging", " measuring about 3 cm"]
     out = []
@@ -144,7 +149,8 @@ def test_text_round_trip(tok: GalenTokenizer, s: str) -> None:
     assert tok.decode(tok.encode(s)) == s
 
 
-@pytest.mark.parametrize("s", ["CT", "T2-weighted", "a 5 µm section", "αβγ δ-wave Ω", "pH 7.4 and HbA1c",
+@pytest.mark.parametrize("s", ["CT", "T2-weighted", "a 5 µm section", "αβγ δ-wave Ω",
+                               "pH 7.4 and HbA1c",
                                "naïve café 胸部 🫁"])
 def test_unicode_and_case_preserved(tok: GalenTokenizer, s: str) -> None:
     ids = tok.encode(s)
@@ -177,7 +183,6 @@ def test_mixed_round_trip(tok: GalenTokenizer, s: str) -> None:
 
 def test_mixed_ids(tok: GalenTokenizer) -> None:
     ids = tok.encode("lesion <bin_1> <bin_2> <code_7><mask>")
-    assert ids[-5:] == [tok.bin_offset + 1, tok.bin_offset + 2, tok.code_offset + 7, tok.mask_id][-5:] or True
     assert ids[-4:] == [tok.bin_offset + 1, tok.bin_offset + 2, tok.code_offset + 7, tok.mask_id]
     assert ids[:-4] == tok.text.encode("lesion")  # the separator space is absorbed
 
@@ -258,16 +263,23 @@ def test_box_corners_map_to_first_and_last_bin(tok: GalenTokenizer) -> None:
     assert tok.box_to_tokens([0.0, 0.0, 0.0, 0.0], 10, 10) == [b] * 4
 
 
-def test_box_hand_computed(tok: GalenTokenizer) -> None:
-    # 100/640*999 = 156.09 -> 156; 50/480*999 = 104.06 -> 104;
-    # 320.5/640*999 = 500.28 -> 500; 479/480*999 = 996.92 -> 997
-    ids = tok.box_to_tokens((100, 50, 320.5, 479), 640, 480)
-    assert [i - tok.bin_offset for i in ids] == [156, 104, 500, 997]
-    assert tok.box_to_text((100, 50, 320.5, 479), 640, 480) == "<bin_156> <bin_104> <bin_500> <bin_997>"
-    assert tok.encode(tok.box_to_text((100, 50, 320.5, 479), 640, 480)) == ids
-    x0, y0, x1, y1 = tok.tokens_to_box(ids, 640, 480)
-    assert x0 == pytest.approx(156 / 999 * 640) and y1 == pytest.approx(997 / 999 * 480)
-    for got, want, side in zip((x0, y0, x1, y1), (100, 50, 320.5, 479), (640, 480, 640, 480)):
+@pytest.mark.parametrize("box, bins", [
+    # 101/640*999 = 157.65 -> 158 (up); 50/480*999 = 104.06 -> 104 (down);
+    # 320.5/640*999 = 500.28 -> 500 (down); 470/480*999 = 978.19 -> 978 (down)
+    ((101, 50, 320.5, 470), [158, 104, 500, 978]),
+    # 100/640*999 = 156.09 -> 156 (down); 52.3/480*999 = 108.85 -> 109 (up);
+    # 321.5/640*999 = 501.84 -> 502 (up); 479/480*999 = 996.92 -> 997 (up)
+    ((100, 52.3, 321.5, 479), [156, 109, 502, 997]),
+])
+def test_box_hand_computed(tok: GalenTokenizer, box: tuple[float, ...], bins: list[int]) -> None:
+    ids = tok.box_to_tokens(box, 640, 480)
+    assert [i - tok.bin_offset for i in ids] == bins
+    assert tok.box_to_text(box, 640, 480) == " ".join(f"<bin_{b}>" for b in bins)
+    assert tok.encode(tok.box_to_text(box, 640, 480)) == ids
+    back = tok.tokens_to_box(ids, 640, 480)
+    assert back == pytest.approx((bins[0] / 999 * 640, bins[1] / 999 * 480,
+                                  bins[2] / 999 * 640, bins[3] / 999 * 480))
+    for got, want, side in zip(back, box, (640, 480, 640, 480)):
         assert abs(got - want) <= side / 999 / 2 + 1e-9
 
 
@@ -317,7 +329,8 @@ def test_codes_and_id_classes(tok: GalenTokenizer) -> None:
     assert tok.code_tokens(torch.tensor([3, 4])) == [tok.code_offset + 3, tok.code_offset + 4]
     assert [tok.is_code(i) for i in (tok.mask_id, tok.code_offset, tok.bin_offset - 1, tok.bin_offset)] == [
         False, True, True, False]
-    assert [tok.is_bin(i) for i in (tok.bin_offset - 1, tok.bin_offset, tok.vocab_size - 1, tok.vocab_size)] == [
+    edges = (tok.bin_offset - 1, tok.bin_offset, tok.vocab_size - 1, tok.vocab_size)
+    assert [tok.is_bin(i) for i in edges] == [
         False, True, True, False]
     with pytest.raises(GalenTokenizerError, match="8192"):
         tok.code_tokens([8192])
@@ -362,7 +375,7 @@ def test_pad_errors(tok: GalenTokenizer) -> None:
 
 # --------------------------------------------------------------------------- files
 SAMPLES = ["the CT scan shows a 5 µm lesion <bin_3> <bin_4> <bin_10> <bin_20>",
-           "Which organ is <mask>?", "<code_1> <code_2> naïve αβ"]
+           "Which organ is <mask> here?", "<code_1> <code_2> naïve αβ"]
 
 
 def test_save_load_identical(tok: GalenTokenizer, tmp_path: Path) -> None:
@@ -425,15 +438,38 @@ def test_load_missing_or_corrupt_text_file(tok: GalenTokenizer, tmp_path: Path) 
         GalenTokenizer.load(tmp_path)
 
 
-@pytest.mark.parametrize("change", [
-    {"text_files": ["../spm.model"]}, {"format_version": 2}, {"num_bins": "1000"}])
-def test_load_rejects_bad_json_fields(tok: GalenTokenizer, tmp_path: Path, change: dict) -> None:
+@pytest.mark.parametrize("change, match", [
+    ({"format_version": 2}, "format_version"),
+    ({"num_bins": "1000"}, "num_bins"),
+    ({"text_files": []}, "no SentencePiece file"),
+])
+def test_load_rejects_bad_json_fields(tok: GalenTokenizer, tmp_path: Path, change: dict, match: str) -> None:
     path, meta = _saved(tok, tmp_path)
     path.write_text(json.dumps({**meta, **change}))
-    with pytest.raises(GalenTokenizerError):
+    with pytest.raises(GalenTokenizerError, match=match):
         GalenTokenizer.load(tmp_path)
+
+
+def test_load_rejects_invalid_json(tok: GalenTokenizer, tmp_path: Path) -> None:
+    path, _ = _saved(tok, tmp_path)
     path.write_text("{not json")
-    with pytest.raises(GalenTokenizerError, match="JSON"):
+    with pytest.raises(GalenTokenizerError, match="not valid JSON"):
+        GalenTokenizer.load(tmp_path)
+
+
+def test_load_rejects_files_outside_the_folder(tok: GalenTokenizer, tmp_path: Path) -> None:
+    path, meta = _saved(tok, tmp_path / "tk")
+    tok.text.save(tmp_path)  # a real model one level up, so only the name check can refuse it
+    path.write_text(json.dumps({**meta, "text_files": ["../spm.model"]}))
+    with pytest.raises(GalenTokenizerError, match="plain file names"):
+        GalenTokenizer.load(tmp_path / "tk")
+
+
+def test_load_mismatched_special_ids(tok: GalenTokenizer, tmp_path: Path) -> None:
+    path, meta = _saved(tok, tmp_path)
+    meta["special_ids"]["mask"] = 4
+    path.write_text(json.dumps(meta))
+    with pytest.raises(GalenTokenizerError, match="special_ids.*mask"):
         GalenTokenizer.load(tmp_path)
 
 
@@ -451,6 +487,23 @@ def test_training_is_deterministic(corpus: list[str], spm_dir: Path, tmp_path: P
     first = SentencePieceText.load(spm_dir)
     for s in corpus[:50] + SAMPLES:
         assert again.encode(s) == first.encode(s)
+
+
+def test_sampled_training_is_reproducible_across_processes(corpus: list[str], tmp_path: Path) -> None:
+    # SentencePiece's own input sampling changes from process to process; ours must not.
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    code = (
+        "import sys; from model.tokenizer import train_sentencepiece as t; "
+        "t(None, sys.argv[2], corpus_files=[sys.argv[1]], vocab_size=350, input_sentence_size=300, seed=3)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "child")], check=True, env=env)
+    here = train_sentencepiece(corpus, tmp_path / "here", vocab_size=350, input_sentence_size=300, seed=3)
+    assert (tmp_path / "child" / "spm.model").read_bytes() == here.model_proto
+    other = train_sentencepiece(corpus, tmp_path / "other", vocab_size=350, input_sentence_size=300, seed=4)
+    assert other.model_proto != here.model_proto
 
 
 def test_training_from_files(corpus: list[str], spm_dir: Path, tmp_path: Path) -> None:
@@ -475,10 +528,10 @@ def test_training_empty_corpus(texts: list[str], tmp_path: Path) -> None:
 def test_training_corpus_too_small(tmp_path: Path) -> None:
     with pytest.raises(GalenTokenizerError, match=r"at most (\d+)") as info:
         train_sentencepiece(["the chest x-ray is normal"] * 3, tmp_path, vocab_size=8000)
-    largest = int(next(itertools.dropwhile(lambda w: not w.isdigit(),
-                                           str(info.value).split("at most ")[1].split())))
+    largest = int(re.search(r"at most (\d+)", str(info.value)).group(1))
     assert NUM_OK_MIN <= largest < 8000
-    assert train_sentencepiece(["the chest x-ray is normal"] * 3, tmp_path, vocab_size=largest).vocab_size == largest
+    fits = train_sentencepiece(["the chest x-ray is normal"] * 3, tmp_path, vocab_size=largest)
+    assert fits.vocab_size == largest
 
 
 NUM_OK_MIN = 4 + 256  # specials + byte-fallback pieces are always there
@@ -492,12 +545,16 @@ def test_training_vocab_below_required(corpus: list[str], tmp_path: Path) -> Non
 @pytest.mark.parametrize("kwargs, match", [
     ({"texts": "one big string"}, "not one string"),
     ({"texts": [b"bytes"]}, "not str"),
+    ({"texts": ["fine line"] * 50 + [7]}, "^corpus item 50 is int, not str"),
     ({"texts": ["a"], "corpus_files": ["x.txt"]}, "not both"),
     ({"texts": None, "corpus_files": ["/does/not/exist.txt"]}, "does not exist"),
     ({"texts": None}, "empty"),
     ({"texts": ["a"], "vocab_size": 3}, "vocab_size"),
     ({"texts": ["a"], "model_type": "wordpiece"}, "model_type"),
     ({"texts": ["a"], "character_coverage": 0.0}, "character_coverage"),
+    ({"texts": ["a"], "input_sentence_size": -1}, "input_sentence_size"),
+    ({"texts": ["a"], "seed": "0"}, "seed"),
+    ({"texts": ["a"], "num_threads": 0}, "num_threads"),
 ])
 def test_training_argument_errors(kwargs: dict, match: str, tmp_path: Path) -> None:
     texts = kwargs.pop("texts")

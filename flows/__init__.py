@@ -1,0 +1,1 @@
+"""Galen's pipeline: the stages `dvc repro` runs and the `galen` command line."""

@@ -1,0 +1,268 @@
+"""`galen`: the command line of every pipeline step (each also usable as a Python function).
+
+Errors Galen raises on purpose (bad input, missing files) print one clear line and exit with
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from model.errors import GalenError
+
+CORPUS_FIELDS = ("question", "answer", "report", "caption", "sentence1", "sentence2", "text", "CHQ", "Summary")
+
+
+# -- model -----------------------------------------------------------------------------------------
+def cmd_model_info(args: argparse.Namespace) -> None:
+    import torch
+
+    from model.config import REFERENCE_PARAMS, SIZES, get_config
+    from model.generalist import GalenModel
+
+    sizes = list(SIZES) if args.size == "all" else [args.size]
+    rows = []
+    for size in sizes:
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        cfg = get_config(size, **overrides)
+        with torch.device("meta"):  # count parameters without allocating them
+            model = GalenModel(cfg)
+        parts = {"embedding": model.embed_tokens.weight.numel(),
+                 "image_backbone": sum(p.numel() for p in model.encoder.embed_images.parameters()),
+                 "encoder": sum(p.numel() for p in model.encoder.parameters()),
+                 "decoder": sum(p.numel() for p in model.decoder.parameters())}
+        parts["encoder"] -= parts["image_backbone"]
+        total = model.num_parameters()
+        ref = REFERENCE_PARAMS[size]
+        rows.append({"size": size, "parameters": total, "reference_parameters": ref,
+                     "vs_reference": None if not ref or args.vocab_size else round(total / ref - 1, 4),
+                     "parts": parts, "config": cfg.to_dict()})
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        return
+    for r in rows:
+        c = r["config"]
+        ref = f"{r['reference_parameters'] / 1e6:.0f}M" if r["reference_parameters"] else "-"
+        dev = f" ({r['vs_reference']:+.1%} vs reference {ref})" if r["vs_reference"] is not None else ""
+        print(f"{r['size']}: {r['parameters']:,} parameters{dev}")
+        print(f"  layers {c['encoder_layers']}+{c['decoder_layers']}  d_model {c['d_model']}  ffn {c['ffn_dim']}  "
+              f"heads {c['attention_heads']}  resnet stages {tuple(c['resnet_depths'])}  vocab {c['vocab_size']:,}  "
+              f"image {c['image_size']}px")
+        print("  " + "  ".join(f"{k} {v / 1e6:.1f}M" for k, v in r["parts"].items()))
+
+
+def cmd_model_init(args: argparse.Namespace) -> None:
+    import torch
+
+    from model.config import get_config
+    from model.generalist import GalenModel
+    from model.tokenizer import GalenTokenizer
+
+    tok = GalenTokenizer.load(args.tokenizer)
+    torch.manual_seed(args.seed)
+    model = GalenModel(get_config(args.size, vocab_size=len(tok)))
+    model.save_pretrained(args.out, tok)
+    print(f"wrote a new {args.size} model ({model.num_parameters():,} parameters) to {args.out}")
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+def corpus_texts(paths: Sequence[str], fields: Sequence[str]) -> Iterator[str]:
+    """Lines of .txt files, and the named string fields of .json (list of records) / .jsonl files."""
+    from model.errors import GalenInputError
+
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise GalenInputError(f"corpus file {p} not found")
+        if p.suffix == ".txt":
+            yield from (line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+            continue
+        if p.suffix not in (".json", ".jsonl"):
+            raise GalenInputError(f"corpus file {p}: use .txt (one text per line), .json or .jsonl")
+        try:
+            records = json.loads(p.read_text()) if p.suffix == ".json" else \
+                [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise GalenInputError(f"corpus file {p} is not valid JSON ({e})") from e
+        for rec in records if isinstance(records, list) else [records]:
+            for f in fields:
+                if isinstance(rec, dict) and isinstance(rec.get(f), str) and rec[f].strip():
+                    yield rec[f].strip()
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from model.tokenizer import GalenTokenizer, train_sentencepiece
+
+    text = train_sentencepiece(corpus_texts(args.corpus, args.fields), args.out, vocab_size=args.vocab_size,
+                               model_type=args.model_type, seed=args.seed)
+    tok = GalenTokenizer(text)
+    tok.save(args.out)
+    print(f"wrote tokenizer to {args.out}: {text.vocab_size:,} text pieces, {len(tok):,} ids in all "
+          f"(<mask> {tok.mask_id}, codes from {tok.code_offset}, bins from {tok.bin_offset})")
+
+
+def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
+    from model.tokenizer import GalenTokenizer
+
+    tok = GalenTokenizer.load(args.tokenizer)
+    ids = tok.encode(args.text)
+    print(json.dumps({"ids": ids, "decoded": tok.decode(ids)}))
+
+
+# -- data ------------------------------------------------------------------------------------------
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from flows.demo_data import write_vqa_rad
+
+    counts = write_vqa_rad(Path(args.out) / "vqa_rad", args.num_images, args.image_size, seed=args.seed)
+    print(f"wrote VQA-RAD-style demo data to {args.out}/vqa_rad: {counts}")
+
+
+# -- learning check / inference --------------------------------------------------------------------
+def cmd_learn_check(args: argparse.Namespace) -> None:
+    import torch
+    from PIL import Image
+
+    from flows.ingest.vqa_rad import read_vqa_rad
+    from flows.learn_check import learn_check, write_metrics
+    from model.config import get_config
+    from model.generalist import GalenModel
+    from model.tokenizer import GalenTokenizer
+
+    records = read_vqa_rad(args.vqa_json, args.images)[: args.limit]
+    tok = GalenTokenizer.load(args.tokenizer)
+    torch.manual_seed(args.seed)
+    model = GalenModel(get_config(args.size, vocab_size=len(tok), dropout=0.0, encoder_drop_path_rate=0.0,
+                                  decoder_drop_path_rate=0.0))
+    images = [Image.open(r.image_path) for r in records]
+    result = learn_check(model, tok, images, [r.question for r in records], [r.answer for r in records],
+                         max_steps=args.max_steps, lr=args.lr, seed=args.seed)
+    if args.metrics:
+        write_metrics(result, args.metrics)
+    if args.out:
+        model.save_pretrained(args.out, tok)
+    print(f"learn-check: {result.accuracy:.0%} of {len(records)} answers right after {result.steps} steps "
+          f"({result.seconds:.0f}s, final nll {result.final_loss:.3f})")
+    if result.accuracy < args.require_accuracy:
+        raise SystemExit(f"galen: learn-check reached {result.accuracy:.0%} < required "
+                         f"{args.require_accuracy:.0%}; raise --max-steps or check the data")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate
+    from model.generalist import GalenModel
+    from model.tasks import build_prompt
+    from model.tokenizer import GalenTokenizer
+    from model.vision import preprocess_images
+
+    model = GalenModel.from_pretrained(args.model)
+    tok = GalenTokenizer.load(args.model)
+    fields = {"question": args.question, "text": args.text, "premise": args.premise, "hypothesis": args.hypothesis}
+    prompt = build_prompt(args.task, **{k: v for k, v in fields.items() if v is not None})
+    ids, _ = tok.pad_batch([tok.encode_prompt(prompt, max_length=model.cfg.max_positions)])
+    images = preprocess_images([Image.open(args.image)], model.cfg.image_size) if args.image else None
+    if args.candidates:
+        trie = CandidateTrie.from_texts(tok, args.candidates)
+        index = answer_closed_set(model, ids, [trie], images, mode=args.closed_set_mode, beam_size=args.beam)[0]
+        print(args.candidates[index])
+        return
+    cfg = GenerationConfig(beam_size=args.beam, max_length=args.max_length, min_length=args.min_length,
+                           length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
+    print(tok.decode(generate(model, ids, images, config=cfg)[0].tokens).strip())
+
+
+# -- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from model.config import SIZES
+    from model.tasks import TASKS
+
+    p = argparse.ArgumentParser(prog="galen", description="Galen: biomedical vision-language models from raw "
+                                "datasets to a live endpoint.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="model sizes and model folders").add_subparsers(
+        dest="model_command", required=True, metavar="SUBCOMMAND")
+    info = model.add_parser("info", help="parameter counts and config of a named size")
+    info.add_argument("--size", default="base", choices=[*SIZES, "all"])
+    info.add_argument("--vocab-size", type=int, default=None, help="count with this vocabulary instead of the "
+                      "reference 59,457")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_model_info)
+    init = model.add_parser("init", help="write a freshly initialised model folder (weights, config, tokenizer)")
+    init.add_argument("--size", required=True, choices=list(SIZES))
+    init.add_argument("--tokenizer", required=True, help="folder written by `galen tokenizer train`")
+    init.add_argument("--out", required=True)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_model_init)
+
+    tok = sub.add_parser("tokenizer", help="train and try the text tokenizer").add_subparsers(
+        dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
+    train = tok.add_parser("train", help="train a SentencePiece model on a text corpus")
+    train.add_argument("--corpus", nargs="+", required=True, help=".txt (a text per line), .json or .jsonl files")
+    train.add_argument("--fields", nargs="+", default=list(CORPUS_FIELDS), help="text fields of JSON records")
+    train.add_argument("--out", required=True)
+    train.add_argument("--vocab-size", type=int, default=8000)
+    train.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_tokenizer_train)
+    enc = tok.add_parser("encode", help="show the ids of a text")
+    enc.add_argument("--tokenizer", required=True)
+    enc.add_argument("text")
+    enc.set_defaults(func=cmd_tokenizer_encode)
+
+    demo = sub.add_parser("demo-data", help="write the procedural demo datasets in real raw layouts")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--num-images", type=int, default=48)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.set_defaults(func=cmd_demo_data)
+
+    lc = sub.add_parser("learn-check", help="train a small model on a few VQA triples until it answers them all")
+    lc.add_argument("--vqa-json", required=True, help="VQA-RAD-layout JSON (e.g. trainset.json)")
+    lc.add_argument("--images", required=True, help="folder of the images the JSON names")
+    lc.add_argument("--tokenizer", required=True)
+    lc.add_argument("--size", default="nano", choices=list(SIZES))
+    lc.add_argument("--limit", type=int, default=16, help="number of records to learn")
+    lc.add_argument("--max-steps", type=int, default=400)
+    lc.add_argument("--lr", type=float, default=1e-3)
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--require-accuracy", type=float, default=1.0, help="fail below this accuracy")
+    lc.add_argument("--metrics", help="write a JSON metrics file here")
+    lc.add_argument("--out", help="save the trained model folder here")
+    lc.set_defaults(func=cmd_learn_check)
+
+    gen = sub.add_parser("generate", help="answer one request with a saved model folder")
+    gen.add_argument("--model", required=True, help="model folder (save_pretrained / import-checkpoint output)")
+    gen.add_argument("--task", default="vqa", choices=list(TASKS))
+    gen.add_argument("--image", help="image file (PNG, JPEG, ...)")
+    gen.add_argument("--question")
+    gen.add_argument("--text")
+    gen.add_argument("--premise")
+    gen.add_argument("--hypothesis")
+    gen.add_argument("--candidates", nargs="+", help="closed answer set: the answer will be one of these")
+    gen.add_argument("--closed-set-mode", default="trie", choices=["trie", "all"])
+    gen.add_argument("--beam", type=int, default=5)
+    gen.add_argument("--max-length", type=int, default=40)
+    gen.add_argument("--min-length", type=int, default=1)
+    gen.add_argument("--length-penalty", type=float, default=1.0)
+    gen.add_argument("--no-repeat-ngram", type=int, default=3)
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GalenError as e:
+        print(f"galen: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Readers of real dataset layouts (one module per format)."""

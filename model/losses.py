@@ -1,0 +1,47 @@
+"""Training losses of the generalist model.
+
+Label-smoothed cross-entropy as in OFA, with the trie-aware variant for closed answer sets: the
+logits are restricted to the tokens the candidate trie allows at each position, and the smoothing
+mass is spread over that allowed set only (not over the whole 60k vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor      # mean label-smoothed loss per target token (what the optimizer sees)
+    nll: torch.Tensor       # mean negative log-likelihood per target token (what to report)
+    num_tokens: int
+
+
+def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.1,
+                                 pad_id: int = 1, allowed: torch.Tensor | None = None) -> LossOutput:
+    """logits (B, T, V), target (B, T) with pad_id where there is no target.
+
+    `allowed` (B, T, V) bool restricts each position to the trie's allowed tokens (closed sets).
+    """
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    lprobs = F.log_softmax(logits, dim=-1)
+    keep = target.ne(pad_id)
+    lprobs, tgt = lprobs[keep], target[keep]
+    nll = -lprobs.gather(-1, tgt[:, None]).squeeze(-1)
+    if allowed is not None:
+        allowed_k = allowed[keep]
+        smooth = -lprobs.masked_fill(~allowed_k, 0.0).sum(-1)
+        n_classes = allowed_k.sum(-1).clamp(min=1).float()
+    else:
+        smooth = -lprobs.sum(-1)
+        n_classes = torch.full_like(nll, lprobs.shape[-1])
+    eps_i = epsilon / n_classes
+    loss = (1.0 - epsilon) * nll + eps_i * smooth
+    n = int(keep.sum())
+    denom = max(n, 1)
+    return LossOutput(loss.sum() / denom, nll.sum() / denom, n)

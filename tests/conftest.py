@@ -1,0 +1,49 @@
+"""Shared fixtures: small real models and tokenizers built on the spot (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_CHECK = Path(__file__).parent / "fixtures" / "reference_check"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+
+
+@pytest.fixture(scope="session")
+def demo_vqa(tmp_path_factory) -> Path:
+    """The VQA-RAD-style demo dataset (folder with trainset.json, testset.json, images/)."""
+    from flows.demo_data import write_vqa_rad
+
+    out = tmp_path_factory.mktemp("demo") / "vqa_rad"
+    write_vqa_rad(out, num_images=24, image_size=128, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_vqa, tmp_path_factory):
+    """A SentencePiece tokenizer trained on the demo questions and answers."""
+    from flows.cli import corpus_texts
+    from model.tokenizer import GalenTokenizer, train_sentencepiece
+
+    out = tmp_path_factory.mktemp("tok")
+    texts = list(corpus_texts([str(demo_vqa / "trainset.json")], ["question", "answer"]))
+    tok = GalenTokenizer(train_sentencepiece(texts, out, vocab_size=290))
+    tok.save(out)
+    return tok
+
+
+def nano(vocab_size: int = 1200, **overrides):
+    """A randomly initialised nano model in eval mode (dropout off)."""
+    from model.config import get_config
+    from model.generalist import GalenModel
+
+    torch.manual_seed(overrides.pop("seed", 0))
+    return GalenModel(get_config("nano", vocab_size=vocab_size, **overrides)).eval()
