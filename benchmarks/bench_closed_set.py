@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from benchmarks._common import (command_line, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
                                 markdown_table, paired_ratio, quantiles, set_threads, write_json)
 from model.config import get_config  # noqa: E402
-from model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate  # noqa: E402
+from model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate, score_candidates  # noqa: E402
 from model.generalist import GalenModel  # noqa: E402
 from model.losses import label_smoothed_cross_entropy  # noqa: E402
 
@@ -257,7 +257,7 @@ def main(argv=None) -> dict:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at every op barrier; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -309,7 +309,12 @@ def main(argv=None) -> dict:
     def run_free():
         return [h.tokens for ids in batch_ids for h in generate(model, ids, config=free_cfg)]
 
-    times, last = interleaved({"trie": run_trie, "all": run_all, "free": run_free}, args.repeats, args.warmup)
+    # warmup: each method once on the first batch (a full untimed pass of "all" would cost ~30 s)
+    for _ in range(args.warmup):
+        answer_closed_set(model, batch_ids[0], [trie] * len(batches[0]), mode="trie", beam_size=args.beam)
+        answer_closed_set(model, batch_ids[0][:2], [trie] * 2, mode="all")
+        generate(model, batch_ids[0], config=free_cfg)
+    times, last = interleaved({"trie": run_trie, "all": run_all, "free": run_free}, args.repeats, 0)
     n = len(qa)
     acc_trie = sum(k == r for k, r in zip(last["trie"], ref_index)) / n
     acc_all = sum(k == r for k, r in zip(last["all"], ref_index)) / n
@@ -336,7 +341,8 @@ def main(argv=None) -> dict:
           f"{min(cand_len)}-{max(cand_len)} tokens with eos (mean {sum(cand_len) / len(cand_len):.1f}); trie root "
           f"fan-out {len(trie.root)}; training: {args.train_steps} AdamW steps, lr {args.lr}, label smoothing "
           f"{args.label_smoothing}, seed {args.seed}, loss {losses[0]:.3f} -> {losses[-1]:.3f} ({train_s:.0f}s, "
-          f"not timed below). {args.warmup} warmup + {args.repeats} timed passes over all questions per method, "
+          f"not timed below). {args.warmup} warmup call(s) per method on the first batch, then {args.repeats} timed "
+          "passes over all questions per method, "
           "interleaved; median [IQR]\n")
     print(markdown_table(["method", "call", "questions/s", "time for all questions", "accuracy"], rows))
     v_speed = "met" if ratio["median"] >= 16 else f"not met ({ratio['median']:.1f}× of 16×)"
@@ -348,7 +354,25 @@ def main(argv=None) -> dict:
         ["trie and all-candidates pick the same answer", f"{agree:.1%} ({round(agree * n)}/{n})", "100%", v_same],
         ["free generation output inside the candidate set", f"{free_in_set:.1%}", "-", "-"],
     ]))
-    payload = {"benchmark": "closed_set", "command": command_line(), "machine": facts, "args": vars(args),
+    # diagnosis of disagreements (not timed): the all-candidates log-probabilities of both picks
+    disagree = [i for i in range(n) if last["trie"][i] != last["all"][i]]
+    diag = []
+    if disagree:
+        full = score_candidates(model, pad([prompts[i] for i in disagree], tok.pad_id), [trie] * len(disagree))
+        for j, i in enumerate(disagree):
+            kt, ka = last["trie"][i], last["all"][i]
+            diag.append({"question": qa[i][0], "reference": qa[i][1], "trie": answers[kt], "all": answers[ka],
+                         "logprob_trie_pick": float(full[j][kt]), "logprob_all_pick": float(full[j][ka]),
+                         "tokens_all_pick": len(cand_tokens[ka]), "tokens_trie_pick": len(cand_tokens[kt])})
+        print(f"\nQuestions where trie and all-candidates differ ({len(diag)}); log-probabilities are the "
+              "all-candidates scores (allowed-set normalised, the score both modes maximise with length_penalty=0):\n")
+        print(markdown_table(["question", "reference", "trie pick (log p, tokens)", "all pick (log p, tokens)",
+                              "search error"],
+                             [[d["question"], d["reference"], f"{d['trie']} ({d['logprob_trie_pick']:.2f}, "
+                               f"{d['tokens_trie_pick']})", f"{d['all']} ({d['logprob_all_pick']:.2f}, "
+                               f"{d['tokens_all_pick']})", "yes" if d["logprob_trie_pick"] < d["logprob_all_pick"]
+                               else "no"] for d in diag]))
+    payload = {"benchmark": "closed_set", "disagreements": diag, "command": command_line(), "machine": facts, "args": vars(args),
                "tokenizer": tok_desc, "num_candidates": len(answers), "candidate_tokens": cand_len,
                "answers": answers, "questions": qa, "train_losses": losses, "train_seconds": train_s,
                "times": times, "quantiles": q, "ratio_all_over_trie": ratio, "ratio_of_minima": ratio_min,

@@ -54,8 +54,11 @@ def main(argv=None) -> dict:
     p.add_argument("--beams", nargs="+", type=int, default=[1, 5])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at every op barrier; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one cached run at the largest beam and print the costliest ops")
+    p.add_argument("--profile-top", type=int, default=12)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -113,10 +116,23 @@ def main(argv=None) -> dict:
     print(markdown_table(["beam", "batch", "use_cache=False", "use_cache=True", "encoder alone",
                           "speed-up end to end", "speed-up decoding only", "new tokens/s cached / uncached",
                           "same tokens", "target ≥5×"], rows))
+    profile_table = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        beam = max(args.beams)
+        gc = GenerationConfig(beam_size=beam, min_length=args.tokens, max_length=args.tokens, use_cache=True)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            generate(model, ids, images, config=gc)
+        ev = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        prows = [[e.key, str(e.input_shapes)[:70], e.count, f"{e.self_cpu_time_total / 1000:.0f}",
+                  f"{e.self_cpu_time_total / total:.0%}"] for e in ev[:args.profile_top]]
+        profile_table = markdown_table(["op", "input shapes", "calls", "self CPU ms", "share"], prows)
+        print(f"\n### Profile of one cached run, beam {beam} (self CPU total {total / 1000:.0f} ms)\n\n{profile_table}")
     all_same = all(r["tokens_identical"] for r in results)
     print(f"\ncached and uncached outputs token-identical for every beam size: {all_same}")
     payload = {"benchmark": "kv_cache", "command": command_line(), "machine": facts, "args": vars(args),
-               "results": results}
+               "results": results, "profile": profile_table}
     write_json(args.json, payload)
     if not all_same:
         print("ASSERTION FAILED: cached and uncached generation differ", file=sys.stderr)

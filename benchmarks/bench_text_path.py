@@ -10,7 +10,7 @@ The two models are timed interleaved (order rotated every repeat) in one process
 computed per repeat. `--profile` additionally records a few steps of each under torch.profiler
 and prints the ops whose self CPU time differs most between the two.
 
-    PYTHONPATH=. python benchmarks/bench_text_path.py                    # tiny (batch 8) and base (batch 4)
+    PYTHONPATH=. python benchmarks/bench_text_path.py                    # tiny (batch 16) and base (batch 8)
     PYTHONPATH=. python benchmarks/bench_text_path.py --sizes tiny --batch 32 --profile
 """
 
@@ -31,6 +31,7 @@ from model.generalist import GalenModel  # noqa: E402
 from model.losses import label_smoothed_cross_entropy  # noqa: E402
 
 BOS, PAD, EOS = 0, 1, 2
+DEFAULT_BATCH = {"nano": 32, "tiny": 16, "medium": 8, "base": 8, "large": 4, "huge": 2}
 
 
 def make_batch(batch: int, prompt_len: int, target_len: int, vocab: int, seed: int):
@@ -148,7 +149,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "base"], help="Galen sizes whose dims both models take")
-    p.add_argument("--batch", nargs="+", type=int, default=[8, 4], help="batch per size (one value, or one per size)")
+    p.add_argument("--batch", nargs="+", type=int, default=None,
+                   help=f"batch per size (one value, or one per size); default {DEFAULT_BATCH}")
     p.add_argument("--prompt-len", type=int, default=40, help="padded prompt width (longest prompt)")
     p.add_argument("--target-len", type=int, default=20, help="padded target width (longest target)")
     p.add_argument("--vocab", type=int, default=REFERENCE_VOCAB_SIZE)
@@ -156,7 +158,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at every op barrier; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="also profile both and print the op-level difference")
     p.add_argument("--profile-steps", type=int, default=3)
@@ -164,7 +166,10 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     set_threads(args.threads)
-    batches = args.batch * len(args.sizes) if len(args.batch) == 1 else args.batch
+    if args.batch is None:
+        batches = [DEFAULT_BATCH.get(s, 4) for s in args.sizes]
+    else:
+        batches = args.batch * len(args.sizes) if len(args.batch) == 1 else args.batch
     if len(batches) != len(args.sizes):
         p.error("--batch needs one value or one per --sizes entry")
 

@@ -173,7 +173,7 @@ def _apply_rules(logits: torch.Tensor, model: GalenModel, prefixes: list[list[in
 
 @torch.no_grad()
 def generate(model: GalenModel, input_ids: torch.Tensor | None, images: torch.Tensor | None = None,
-             patch_masks: torch.Tensor | None = None, config: GenerationConfig | None = None,
+             patch_masks: torch.Tensor | None = None, *, config: GenerationConfig | None = None,
              constraints: CandidateTrie | Sequence[CandidateTrie | None] | None = None,
              code_masks: torch.Tensor | None = None) -> list[Hypothesis]:
     """Best hypothesis per sample (greedy when beam_size == 1)."""
@@ -326,5 +326,5 @@ def answer_closed_set(model: GalenModel, input_ids: torch.Tensor | None, candida
         raise GalenInputError(f"unknown closed-set mode {mode!r}; use 'trie' or 'all'")
     longest = max(len(seq) for trie in candidates for seq in trie.sequences)
     cfg = GenerationConfig(beam_size=beam_size, max_length=longest, min_length=1, length_penalty=0.0)
-    hyps = generate(model, input_ids, images, patch_masks, cfg, constraints=list(candidates))
+    hyps = generate(model, input_ids, images, patch_masks, config=cfg, constraints=list(candidates))
     return [trie.index_of(h.tokens) for trie, h in zip(candidates, hyps)]

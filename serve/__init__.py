@@ -1,0 +1,1 @@
+"""Ray Serve endpoints over the MLflow-registered models (issue 6: not built yet)."""

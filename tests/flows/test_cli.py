@@ -1,0 +1,91 @@
+"""Code tier: the `galen` command line as a user runs it (real subprocesses, real files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import build_parser
+
+
+def galen(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"galen {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def _all_commands(parser, prefix=()):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _all_commands(sub, (*prefix, name))
+
+
+def test_every_subcommand_has_help():
+    commands = list(_all_commands(build_parser()))
+    assert ("model", "info") in commands and ("tokenizer", "train") in commands
+    for cmd in [(), *commands]:
+        out = galen(*cmd, "--help")
+        assert "usage: galen" in out.stdout and "--help" in out.stdout
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("galen") or str(__import__("pathlib").Path(sys.executable).parent / "galen")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "model" in out.stdout
+
+
+def test_model_info_prints_counts_near_the_reference():
+    out = galen("model", "info", "--size", "base")
+    assert "base: 182,238,536 parameters (+0.1% vs reference 182M)" in out.stdout
+    rows = json.loads(galen("model", "info", "--size", "all", "--json").stdout)
+    assert [r["size"] for r in rows] == ["nano", "tiny", "medium", "base", "large", "huge"]
+    for r in rows:
+        if r["reference_parameters"]:
+            assert abs(r["vs_reference"]) < 0.05
+
+
+def test_unknown_size_is_a_clear_usage_error():
+    out = galen("model", "info", "--size", "gigantic", check=False)
+    assert out.returncode == 2 and "invalid choice: 'gigantic'" in out.stderr
+
+
+def test_tokenizer_train_init_and_generate_round_trip(tmp_path, demo_vqa):
+    tok = tmp_path / "tok"
+    galen("tokenizer", "train", "--corpus", str(demo_vqa / "trainset.json"), "--out", str(tok), "--vocab-size", "290")
+    enc = json.loads(galen("tokenizer", "encode", "--tokenizer", str(tok), "is there a nodule? <bin_12>").stdout)
+    assert enc["decoded"] == "is there a nodule? <bin_12>"
+    model = tmp_path / "model"
+    galen("model", "init", "--size", "nano", "--tokenizer", str(tok), "--out", str(model))
+    image = next((demo_vqa / "images").iterdir())
+    out = galen("generate", "--model", str(model), "--image", str(image), "--question", "is there a nodule?",
+                "--candidates", "yes", "no", "maybe")
+    assert out.stdout.strip() in {"yes", "no", "maybe"}
+    free = galen("generate", "--model", str(model), "--image", str(image), "--question", "how many?",
+                 "--max-length", "5", "--beam", "2")
+    assert free.returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("tokenizer", "train", "--corpus", "missing.txt", "--out", "x"), "corpus file missing.txt not found"),
+    (("generate", "--model", "no-such-folder", "--question", "why?"), "model folder no-such-folder does not exist"),
+])
+def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, args, message):
+    out = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_empty_question_is_refused(tmp_path, demo_vqa):
+    tok = tmp_path / "tok"
+    galen("tokenizer", "train", "--corpus", str(demo_vqa / "trainset.json"), "--out", str(tok), "--vocab-size", "290")
+    galen("model", "init", "--size", "nano", "--tokenizer", str(tok), "--out", str(tmp_path / "m"))
+    out = galen("generate", "--model", str(tmp_path / "m"), "--question", "  ? ", check=False)
+    assert out.returncode == 2 and "question is empty" in out.stderr
