@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from model.checkpoint import config_from_hf, load_state_strict, reference_to_galen_state
 from model.config import REFERENCE_PARAMS, SIZES, GalenConfig, get_config
 from model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
 from model.generalist import GalenModel, linear_drop_path
@@ -144,17 +143,16 @@ def test_code_targets_use_image_positions():
 # -- fidelity to the reference implementation ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference_model(tmp_path_factory):
+    """The reference check's synthetic weights in the transformers-OFA layout, imported strictly."""
     import subprocess
     import sys
+
+    from model.interop import import_reference
 
     out = tmp_path_factory.mktemp("ref_hf")
     subprocess.run([sys.executable, str(REFERENCE_CHECK / "make_weights.py"), "--layout", "hf", "--out", str(out)],
                    check=True, capture_output=True)
-    cfg = config_from_hf(json.loads((out / "config.json").read_text()))
-    model = GalenModel(cfg).eval()
-    state = torch.load(out / "pytorch_model.bin", weights_only=True)
-    load_state_strict(model, reference_to_galen_state(state, "hf"), "reference hf weights")
-    return model
+    return import_reference(out, "hf").model
 
 
 def test_reproduces_the_reference_forward_pass(reference_model):
