@@ -112,6 +112,72 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
     print(json.dumps({"ids": ids, "decoded": tok.decode(ids)}))
 
 
+# -- checkpoint interop ----------------------------------------------------------------------------------
+def _reference_tokenizer(args: argparse.Namespace):
+    """The GPT-2 BPE tokenizer that comes with a reference checkpoint (None with --no-tokenizer)."""
+    from model.errors import GalenCheckpointError
+    from model.tokenizer import GalenTokenizer, GPT2BPEText
+
+    if args.no_tokenizer:
+        return None
+    src = Path(args.path)
+    if args.layout == "hf":
+        if args.bpe_dir is None and (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+            return GalenTokenizer(GPT2BPEText.from_hf(src / "vocab.json", src / "merges.txt"))
+        if args.bpe_dir is None:
+            raise GalenCheckpointError(f"{src} has no vocab.json + merges.txt; pass --bpe-dir with them, or "
+                                       "--no-tokenizer to import the weights alone")
+    bpe = Path(args.bpe_dir) if args.bpe_dir else None
+    if bpe is None:
+        raise GalenCheckpointError("fairseq checkpoints need the GPT-2 BPE files: pass --bpe-dir with encoder.json, "
+                                   "vocab.bpe and dict.txt (BiomedGPT's utils/BPE folder), or --no-tokenizer")
+    if (bpe / "vocab.json").is_file() and (bpe / "merges.txt").is_file() and not (bpe / "dict.txt").is_file():
+        return GalenTokenizer(GPT2BPEText.from_hf(bpe / "vocab.json", bpe / "merges.txt"))
+    dict_txt = bpe / "dict.txt"
+    if not dict_txt.is_file() and (src.parent / "dict.txt").is_file():
+        dict_txt = src.parent / "dict.txt"
+    return GalenTokenizer(GPT2BPEText.from_fairseq(bpe / "encoder.json", bpe / "vocab.bpe", dict_txt))
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> None:
+    import hashlib
+
+    from model.errors import GalenCheckpointError
+    from model.interop import import_reference
+
+    tok = _reference_tokenizer(args)
+    imported = import_reference(args.path, args.layout, use_ema=args.ema)
+    model = imported.model
+    if tok is not None and len(tok) != model.cfg.vocab_size:
+        raise GalenCheckpointError(f"the tokenizer files give {len(tok):,} ids but the checkpoint's embedding has "
+                                   f"{model.cfg.vocab_size:,} rows; use the BPE files that belong to this checkpoint")
+    out = model.save_pretrained(args.out, tok)
+    src = Path(args.path)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest() if src.is_file() else None
+    (out / "import.json").write_text(json.dumps({"source": str(src.resolve()), "layout": args.layout,
+                                                 "ema": args.ema, "sha256": digest}, indent=2) + "\n")
+    print(f"imported a {model.cfg.name} model ({model.num_parameters():,} parameters"
+          f"{', EMA weights' if args.ema else ''}) from {src} into {out}"
+          + ("" if tok else " (no tokenizer: add one before generating)"))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from model.errors import GalenCheckpointError
+    from model.generalist import GalenModel
+    from model.interop import export_hf_ofa
+    from model.tokenizer import GalenTokenizer
+
+    model = GalenModel.from_pretrained(args.model)
+    try:
+        tok = GalenTokenizer.load(args.model)
+    except GalenError:
+        tok = None
+    if args.format != "hf-ofa":
+        raise GalenCheckpointError(f"unknown export format {args.format!r}")
+    export_hf_ofa(model, args.out, tok)
+    print(f"exported {args.model} as a transformers-OFA folder to {args.out}")
+
+
 # -- data ------------------------------------------------------------------------------------------
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from flows.demo_data import write_vqa_rad
@@ -234,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--metrics", help="write a JSON metrics file here")
     lc.add_argument("--out", help="save the trained model folder here")
     lc.set_defaults(func=cmd_learn_check)
+
+    imp = sub.add_parser("import-checkpoint", help="import released BiomedGPT/OFA weights (fairseq .pt or "
+                         "transformers-OFA folder) into a Galen model folder")
+    imp.add_argument("--from", dest="layout", required=True, choices=["fairseq", "hf"])
+    imp.add_argument("path", help="the fairseq checkpoint .pt file, or the transformers-OFA model folder")
+    imp.add_argument("--out", required=True, help="Galen model folder to write")
+    imp.add_argument("--ema", action="store_true", help="take the EMA weights (fairseq extra_state.ema)")
+    imp.add_argument("--bpe-dir", help="GPT-2 BPE files: encoder.json, vocab.bpe, dict.txt (fairseq) or "
+                     "vocab.json + merges.txt")
+    imp.add_argument("--no-tokenizer", action="store_true", help="import the weights without tokenizer files")
+    imp.set_defaults(func=cmd_import_checkpoint)
+
+    exp = sub.add_parser("export", help="write a Galen model folder in a reference layout")
+    exp.add_argument("--model", required=True, help="Galen model folder")
+    exp.add_argument("--format", default="hf-ofa", choices=["hf-ofa"])
+    exp.add_argument("out", help="folder to write")
+    exp.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="answer one request with a saved model folder")
     gen.add_argument("--model", required=True, help="model folder (save_pretrained / import-checkpoint output)")

@@ -356,5 +356,5 @@ def export_hf_ofa(model: torch.nn.Module, directory: str | Path, tokenizer: Any 
         tokenizer.save(out)
         text = getattr(tokenizer, "text", None)
         if hasattr(text, "save_hf"):  # GPT-2 BPE: also the port's vocab.json + merges.txt
-            text.save_hf(out)
+            text.save_hf(out, tokenizer.num_codes, tokenizer.num_bins)
     return out

@@ -85,6 +85,7 @@ class SentencePieceText(TextTokenizer):
     """
 
     kind: ClassVar[str] = "sentencepiece"
+    leading_space: ClassVar[bool] = False  # SentencePiece adds its own word-boundary marker
 
     def __init__(self, model_proto: bytes) -> None:
         if not isinstance(model_proto, (bytes, bytearray)) or not model_proto:
@@ -224,7 +225,7 @@ def _read_vocab_json(path: str | Path) -> dict[str, int]:
 
 
 def _read_merges(path: str | Path) -> list[tuple[str, str]]:
-    """vocab.bpe / merges.txt: "left right" per line, in rank order; a `#version` header is skipped."""
+    """vocab.bpe / merges.txt: "left right" per line in rank order; skips a `#version` header."""
     lines = _file_lines(_read_bpe_text(path, "GPT-2 merges"))
     merges: list[tuple[str, str]] = []
     for number, line in enumerate(lines, 1):
@@ -278,6 +279,7 @@ class GPT2BPEText(TextTokenizer):
     """
 
     kind: ClassVar[str] = "gpt2-bpe"
+    leading_space: ClassVar[bool] = True  # word starts carry a space (see GalenTokenizer.word_start)
 
     def __init__(
         self,
@@ -526,6 +528,31 @@ class GPT2BPEText(TextTokenizer):
                 parts.append(_UNK_TEXT)
             start = cut + 1
         return "".join(parts)
+
+    def save_hf(self, directory: Path, num_codes: int = DEFAULT_NUM_CODES,
+                num_bins: int = DEFAULT_NUM_BINS) -> list[str]:
+        """Write the transformers port's `vocab.json` (token -> model id) and `merges.txt`.
+
+        Filler ids (fairseq's madeupwords) keep their name so every id up to <mask> is present.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        by_gpt2 = {g: t for t, g in self._vocab.items()}
+        vocab: dict[str, int] = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
+        for model_id in range(NUM_SPECIALS, self.vocab_size):
+            inner = int(self._model_to_inner[model_id])
+            token = by_gpt2.get(inner) if inner >= 0 else None
+            if token is None or token in vocab:
+                token = self._entries[model_id - NUM_SPECIALS][0] if inner < 0 else f"<unused_{model_id}>"
+            vocab[token] = model_id
+        mask = self.vocab_size
+        vocab["<mask>"] = mask
+        vocab.update({f"<code_{i}>": mask + 1 + i for i in range(num_codes)})
+        vocab.update({f"<bin_{i}>": mask + 1 + num_codes + i for i in range(num_bins)})
+        (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+        merges = "".join(f"{a} {b}\n" for a, b in self._merges)
+        (directory / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+        return ["vocab.json", "merges.txt"]
 
     def save(self, directory: Path) -> list[str]:
         """Write gpt2_vocab.json, gpt2_merges.txt and fairseq_dict.txt; returns their names."""
@@ -963,12 +990,22 @@ class GalenTokenizer:
                 f"{what} is empty or only whitespace; give the model some text"
             )
 
+    def word_start(self, text: str) -> str:
+        """Make a prompt or target start at a word boundary, the way the text model expects.
+
+        GPT-2 BPE marks a word start with a leading space (the reference encodes " yes", not
+        "yes"); SentencePiece adds its own boundary, so a leading space there would only add a
+        stray piece. Either way "yes" and " yes" encode the same.
+        """
+        stripped = text.lstrip(" ")
+        return " " + stripped if getattr(self.text, "leading_space", False) else stripped
+
     def encode_prompt(
         self, text: str, max_length: int | None = None, truncate: bool = False
     ) -> list[int]:
         """Encoder input: `[bos] + encode(text) + [eos]`; never truncated unless asked."""
         self._check_nonempty(text, "prompt")
-        ids = [self.bos_id] + self.encode(text) + [self.eos_id]
+        ids = [self.bos_id] + self.encode(self.word_start(text)) + [self.eos_id]
         return self._finish(ids, "prompt", max_length, truncate)
 
     def encode_target(
@@ -976,7 +1013,7 @@ class GalenTokenizer:
     ) -> list[int]:
         """Decoder target: `encode(text) + [eos]` (the decoder input gets bos prepended)."""
         self._check_nonempty(text, "target")
-        ids = self.encode(text) + [self.eos_id]
+        ids = self.encode(self.word_start(text)) + [self.eos_id]
         return self._finish(ids, "target", max_length, truncate)
 
     # ----------------------------------------------------------------- boxes

@@ -567,3 +567,10 @@ def test_sentencepiece_text_rejects_bad_bytes() -> None:
         SentencePieceText(b"")
     with pytest.raises(GalenTokenizerError, match="not a SentencePiece model"):
         SentencePieceText(b"\x00garbage")
+
+
+def test_prompts_and_targets_start_at_a_word_boundary_without_stray_pieces(tok: GalenTokenizer) -> None:
+    # the reference prompts begin with a space (for GPT-2 BPE); SentencePiece must not get an extra piece
+    assert tok.encode_prompt(" is there a nodule?") == tok.encode_prompt("is there a nodule?")
+    assert tok.encode_target("  yes") == tok.encode_target("yes") == tok.encode("yes") + [tok.eos_id]
+    assert tok.encode(" yes") != tok.encode("yes")  # raw encode stays literal
