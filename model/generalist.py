@@ -36,6 +36,19 @@ def linear_drop_path(rate: float, layers: int) -> list[float]:
     return [rate * i / max(layers - 1, 1) for i in range(layers)]
 
 
+def add_position_tables(module: nn.Module, cfg: GalenConfig, layers: int) -> None:
+    """The position parameters encoder and decoder each own: absolute tables, their LayerNorms, and
+    per-layer relative tables (1D text buckets, 2D image buckets)."""
+    d, heads = cfg.d_model, cfg.attention_heads
+    module.embed_positions = nn.Embedding(cfg.max_positions + 2, d)
+    module.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
+    module.pos_ln, module.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+    module.token_rel_pos_table_list = nn.ModuleList(
+        nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(layers))
+    module.image_rel_pos_table_list = nn.ModuleList(
+        nn.Embedding(num_image_distances(cfg.image_bucket_size), heads) for _ in range(layers))
+
+
 def _masked(bias: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
     """Add a key-padding mask (B, S) to a bias (B|1, H, T, S); masked keys get the dtype's minimum.
 
@@ -129,17 +142,11 @@ class Encoder(nn.Module):
         self.embed_images = ResNetStages(cfg.resnet_depths, cfg.resnet_drop_path_rate, cfg.freeze_batchnorm)
         self.image_proj = nn.Linear(BACKBONE_CHANNELS, d)
         self.patch_layernorm_embedding = nn.LayerNorm(d)
-        self.embed_positions = nn.Embedding(cfg.max_positions + 2, d)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
-        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        add_position_tables(self, cfg, cfg.encoder_layers)
         self.abs_pos = AbsolutePositionBias(d, heads, cfg.attention_scale)
         drop_paths = linear_drop_path(cfg.encoder_drop_path_rate, cfg.encoder_layers)
         self.layers = nn.ModuleList(EncoderLayer(cfg, p) for p in drop_paths)
         self.layer_norm = nn.LayerNorm(d)
-        self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.encoder_layers))
-        self.image_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(num_image_distances(cfg.image_bucket_size), heads) for _ in range(cfg.encoder_layers))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def embed_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,18 +267,12 @@ class Decoder(nn.Module):
         self.buckets = [buckets]
         self.layernorm_embedding = nn.LayerNorm(d)
         self.code_layernorm_embedding = nn.LayerNorm(d) if cfg.code_layernorm_embedding else None
-        self.embed_positions = nn.Embedding(cfg.max_positions + 2, d)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
-        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        add_position_tables(self, cfg, cfg.decoder_layers)
         self.self_abs_pos = AbsolutePositionBias(d, heads, cfg.attention_scale)
         self.cross_abs_pos = AbsolutePositionBias(d, heads, cfg.attention_scale)
         drop_paths = linear_drop_path(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(DecoderLayer(cfg, p) for p in drop_paths)
         self.layer_norm = nn.LayerNorm(d)
-        self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.decoder_layers))
-        self.image_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(num_image_distances(cfg.image_bucket_size), heads) for _ in range(cfg.decoder_layers))
         self.dropout = nn.Dropout(cfg.dropout)
 
     # -- position biases -------------------------------------------------------------------------

@@ -15,23 +15,13 @@ from model.generalist import GalenModel
 from model.tokenizer import GalenTokenizer
 from tests.conftest import REFERENCE_CHECK
 from tests.flows.test_cli import galen
-
-
-def gpt2_alphabet() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes."""
-    table = {b: chr(b) for b in [*range(33, 127), *range(161, 173), *range(174, 256)]}
-    shifted = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return [table[b] for b in range(256)]
+from tests.model.test_tokenizer_bpe import B2S
 
 
 def write_full_size_bpe(folder: Path) -> None:
     """encoder.json (50,257 tokens), vocab.bpe and a 50,260-line dict.txt: the reference's sizes."""
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = gpt2_alphabet()
+    alphabet = [B2S[b] for b in range(256)]  # GPT-2's printable stand-ins for the 256 bytes
     words = ["Ġis", "Ġthere", "Ġa", "Ġnodule", "?", "Ġyes", "Ġno", "Ġwhat", "Ġorgan", "Ġlung", "Ġliver"]
     merges, vocab = [], {s: i for i, s in enumerate(alphabet)}
     for w in words:  # left-to-right merges building each word
