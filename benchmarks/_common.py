@@ -85,7 +85,6 @@ def cpu_flags() -> list[str]:
 
 
 def machine_facts() -> dict[str, Any]:
-    import transformers  # noqa: F401  (version only)
     facts = {
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),

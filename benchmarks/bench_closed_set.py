@@ -257,7 +257,9 @@ def main(argv=None) -> dict:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at every op barrier; 0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at "
+                        "every op barrier; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -372,7 +374,8 @@ def main(argv=None) -> dict:
                                f"{d['tokens_trie_pick']})", f"{d['all']} ({d['logprob_all_pick']:.2f}, "
                                f"{d['tokens_all_pick']})", "yes" if d["logprob_trie_pick"] < d["logprob_all_pick"]
                                else "no"] for d in diag]))
-    payload = {"benchmark": "closed_set", "disagreements": diag, "command": command_line(), "machine": facts, "args": vars(args),
+    payload = {"benchmark": "closed_set", "disagreements": diag, "command": command_line(), "machine": facts,
+               "args": vars(args),
                "tokenizer": tok_desc, "num_candidates": len(answers), "candidate_tokens": cand_len,
                "answers": answers, "questions": qa, "train_losses": losses, "train_seconds": train_s,
                "times": times, "quantiles": q, "ratio_all_over_trie": ratio, "ratio_of_minima": ratio_min,

@@ -80,14 +80,15 @@ def breakdown(model, ids, images, args) -> str:
                 generate(model, ids, images, config=gc)
                 total = time.perf_counter() - t0
                 parts = [acc.get(label, 0.0) for _, _, label in targets]
-                rest = total - sum(p for (_, _, label), p in zip(targets, parts) if label != "of which output projection")
+                outer = [p for (_, _, label), p in zip(targets, parts) if label != "of which output projection"]
+                rest = total - sum(outer)
                 rows.append([beam, use_cache, f"{total * 1e3:.0f}"] + [f"{p * 1e3:.0f}" for p in parts]
                             + [f"{rest * 1e3:.0f}"])
     finally:
         for obj, name, fn in originals:
             setattr(obj, name, fn)
-    return markdown_table(["beam", "use_cache", "total"] + [label for _, _, label in targets] + ["rest (beam bookkeeping)"],
-                          rows)
+    headers = ["beam", "use_cache", "total"] + [label for _, _, label in targets] + ["rest (beam bookkeeping)"]
+    return markdown_table(headers, rows)
 
 
 def main(argv=None) -> dict:
@@ -101,7 +102,9 @@ def main(argv=None) -> dict:
     p.add_argument("--beams", nargs="+", type=int, default=[1, 5])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at every op barrier; 0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at "
+                        "every op barrier; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of one cached and one uncached run per beam (wall clock, by "

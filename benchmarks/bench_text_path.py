@@ -158,7 +158,9 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at every op barrier; 0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at "
+                        "every op barrier; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="also profile both and print the op-level difference")
     p.add_argument("--profile-steps", type=int, default=3)

@@ -1,1 +1,86 @@
-"""Readers of real dataset layouts (one module per format)."""
+"""Readers of real dataset layouts, one module per format, all writing `schema.Record`s.
+
+An adapter is a function `read(source: Path, **options) -> Iterator[Record]` registered under its
+format name with `@register_format`. `galen ingest --format NAME --source PATH --out DIR` runs it
+and writes Parquet shards; `galen ingest --list-formats` prints the registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from flows.ingest.schema import Record
+from model.errors import GalenInputError
+
+Reader = Callable[..., Iterator[Record]]
+
+
+@dataclass
+class Format:
+    name: str
+    read: Reader
+    description: str
+    module: str
+
+
+FORMATS: dict[str, Format] = {}
+# format name -> module defining it (imported on first use, so one broken optional reader never
+# breaks the others)
+FORMAT_MODULES: dict[str, str] = {
+    "vqa-rad": "flows.ingest.vqa_rad",
+    "slake": "flows.ingest.slake",
+    "pathvqa": "flows.ingest.pathvqa",
+    "ofa-tsv": "flows.ingest.ofa_tsv",
+    "r2gen": "flows.ingest.r2gen",
+    "roco": "flows.ingest.roco",
+    "peir-gross": "flows.ingest.peir_gross",
+    "medicat": "flows.ingest.medicat",
+    "caption-csv": "flows.ingest.captions",
+    "webdataset": "flows.ingest.captions",
+    "medmnist": "flows.ingest.medmnist",
+    "mednli": "flows.ingest.mednli",
+    "meqsum": "flows.ingest.meqsum",
+    "dicom": "flows.ingest.dicom",
+}
+
+
+def register_format(name: str, description: str) -> Callable[[Reader], Reader]:
+    def wrap(fn: Reader) -> Reader:
+        FORMATS[name] = Format(name, fn, description, fn.__module__)
+        return fn
+    return wrap
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMAT_MODULES:
+        raise GalenInputError(f"unknown dataset format {name!r}; known formats: {', '.join(sorted(FORMAT_MODULES))} "
+                              "(`galen ingest --list-formats` describes them)")
+    if name not in FORMATS:
+        importlib.import_module(FORMAT_MODULES[name])
+    return FORMATS[name]
+
+
+def all_formats() -> list[Format]:
+    return [get_format(n) for n in sorted(FORMAT_MODULES)]
+
+
+def ingest(fmt: str, source: str | Path, out_dir: str | Path, rows_per_shard: int = 2048, **options) -> dict:
+    """Run one adapter and write its records as Parquet shards; returns counts per task/split."""
+    from collections import Counter
+
+    from flows.ingest.schema import ShardWriter
+
+    source = Path(source)
+    if not source.exists():
+        raise GalenInputError(f"source {source} does not exist; point --source at the dataset's folder or file")
+    counts: Counter = Counter()
+    problems = 0
+    with ShardWriter(out_dir, rows_per_shard) as writer:
+        for record in get_format(fmt).read(source, **options):
+            writer.write(record)
+            counts[f"{record.task}/{record.split}"] += 1
+            problems += record.problem is not None
+    return {"format": fmt, "records": sum(counts.values()), "with_problems": problems, "by_task_split": dict(counts)}

@@ -1,14 +1,25 @@
-"""VQA-RAD: one JSON list per split (`trainset.json`, `testset.json`) plus a folder of images."""
+"""VQA-RAD: one JSON list per split (`trainset.json`, `testset.json`) plus a folder of images.
+
+Record keys include `qid, image_name, image_organ, question, answer, answer_type (CLOSED|OPEN),
+question_type, phrase_type`; images are `synpicNNNN.jpg` in `images/` (the OSF release calls the
+folder `VQA_RAD Image Folder`).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from flows.ingest import register_format
+from flows.ingest.schema import Record
 from model.errors import GalenInputError
 
 REQUIRED_KEYS = ("image_name", "question", "answer")
+SPLIT_FILES = {"train": ("trainset.json",), "val": ("valset.json", "validationset.json"), "test": ("testset.json",)}
+IMAGE_DIRS = ("images", "VQA_RAD Image Folder", "imgs")
+LICENSE = "CC0 1.0 (VQA-RAD, Lau et al. 2018)"
 
 
 @dataclass
@@ -20,20 +31,24 @@ class VQARecord:
     answer_type: str  # CLOSED | OPEN
 
 
+def _load_json_list(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GalenInputError(f"{path} is not valid JSON ({e}); re-download it or fix the file") from e
+    if not isinstance(rows, list):
+        raise GalenInputError(f"{path} must hold a JSON list of question records (VQA-RAD layout)")
+    return rows
+
+
 def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> list[VQARecord]:
-    """Records of one VQA-RAD split; every problem is reported with the record it is in."""
+    """Records of one VQA-RAD split file; a malformed record or missing image is an error naming it."""
     path, images = Path(json_path), Path(image_dir)
     if not path.is_file():
         raise GalenInputError(f"{path} not found; point to VQA-RAD's trainset.json/testset.json")
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GalenInputError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(rows, list):
-        raise GalenInputError(f"{path} must hold a JSON list of question records (VQA-RAD layout)")
     out = []
-    for i, row in enumerate(rows):
-        missing = [k for k in REQUIRED_KEYS if k not in row]
+    for i, row in enumerate(_load_json_list(path)):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(row, dict) or k not in row]
         if missing:
             raise GalenInputError(f"{path} record {i} lacks {missing}; VQA-RAD records have {REQUIRED_KEYS}")
         image = images / str(row["image_name"])
@@ -42,3 +57,40 @@ def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> list[VQARecord
         out.append(VQARecord(str(row.get("qid", i)), image, str(row["question"]), str(row["answer"]).strip().lower(),
                              str(row.get("answer_type", "OPEN")).upper()))
     return out
+
+
+@register_format("vqa-rad", "VQA-RAD: trainset.json/testset.json (JSON lists) + images/ (synpicNNNN.jpg)")
+def read(source: Path, **_: object) -> Iterator[Record]:
+    source = Path(source)
+    image_dir = next((source / d for d in IMAGE_DIRS if (source / d).is_dir()), None)
+    if image_dir is None:
+        raise GalenInputError(f"{source} has no image folder (looked for {', '.join(IMAGE_DIRS)})")
+    found = False
+    for split, names in SPLIT_FILES.items():
+        path = next((source / n for n in names if (source / n).is_file()), None)
+        if path is None:
+            continue
+        found = True
+        for i, row in enumerate(_load_json_list(path)):
+            if not isinstance(row, dict):
+                yield Record("vqa", split, "vqa-rad", f"{path.name}:{i}", problem="record is not a JSON object",
+                             license=LICENSE)
+                continue
+            qid = str(row.get("qid", f"{path.name}:{i}"))
+            missing = [k for k in REQUIRED_KEYS if k not in row]
+            image_path = image_dir / str(row.get("image_name", ""))
+            problem = f"missing keys {missing}" if missing else None
+            image = None
+            if not problem:
+                if image_path.is_file():
+                    image = image_path.read_bytes()
+                else:
+                    problem = f"image file {image_path.name} not found in {image_dir}"
+            yield Record(
+                task="vqa", split=split, dataset="vqa-rad", source_id=qid, image=image,
+                question=str(row.get("question", "")), target=str(row.get("answer", "")).strip(),
+                answer_type=str(row.get("answer_type", "")).upper() or None, license=LICENSE, problem=problem,
+                meta={k: row[k] for k in ("image_name", "image_organ", "question_type", "phrase_type") if k in row})
+    if not found:
+        raise GalenInputError(f"{source} has none of {[n for ns in SPLIT_FILES.values() for n in ns]}; "
+                              "is --source the VQA-RAD folder?")
