@@ -179,6 +179,76 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------------
+def _parse_options(pairs: Sequence[str]) -> dict:
+    """`key=value` options of an adapter; values parsed as YAML scalars (true, 3, [a, b])."""
+    import yaml
+
+    from model.errors import GalenInputError
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise GalenInputError(f"--option {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from flows.ingest import all_formats, ingest
+    from flows.params import load_params, section
+    from model.errors import GalenInputError
+
+    if args.list_formats:
+        for f in all_formats():
+            print(f"{f.name:12s} {f.description}")
+        return
+    options = _parse_options(args.option)
+    fmt, source = args.format, args.source
+    if args.dataset:
+        datasets = section(section(load_params(args.params), "ingest"), "datasets")
+        if args.dataset not in datasets:
+            raise GalenInputError(f"dataset {args.dataset!r} is not in params.yaml ingest.datasets "
+                                  f"({', '.join(datasets)})")
+        entry = datasets[args.dataset]
+        fmt, source = fmt or entry.get("format"), source or entry.get("source")
+        options = {**(entry.get("options") or {}), **options}
+    if not fmt or not source:
+        raise GalenInputError("give --format and --source (or --dataset NAME from params.yaml)")
+    result = ingest(fmt, source, args.out, **options)
+    Path(args.out, "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ingested {result['records']} records from {source} ({fmt}) into {args.out}: {result['by_task_split']}"
+          + (f"; {result['with_problems']} with problems (validation will quarantine them)"
+             if result["with_problems"] else ""))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from flows.params import load_params, section
+    from flows.validate import ValidationConfig, validate
+
+    cfg = ValidationConfig.from_params(section(load_params(args.params), "validate"))
+    inputs = []
+    for arg in args.inputs:  # folders, or glob patterns such as data/ingested/*
+        matches = sorted(Path().glob(arg)) if any(ch in arg for ch in "*?[") else [Path(arg)]
+        inputs += [m for m in matches if m.is_dir()]
+    if not inputs:
+        raise GalenError(f"no ingested folders match {args.inputs}; run the ingest stage first")
+    summary = validate(inputs, args.out, cfg)
+    print(f"validated {summary['rows']} rows: {summary['valid']} valid, {summary['quarantined']} quarantined "
+          f"({summary['bad_fraction']:.1%}); report in {args.out}/report.json")
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from flows.params import load_params, section
+    from flows.shards import ShardConfig, build_shards
+
+    cfg = ShardConfig.from_params(section(load_params(args.params), "shards"))
+    if args.workers:
+        cfg.workers = args.workers
+    manifest = build_shards(args.validated, args.out, cfg)
+    print(f"wrote {manifest['shards']} shards ({manifest['rows']} rows) to {args.out}: {manifest['by_task_split']}")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from flows.demo_data import write_vqa_rad
 
@@ -286,6 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-images", type=int, default=48)
     demo.add_argument("--image-size", type=int, default=128)
     demo.set_defaults(func=cmd_demo_data)
+
+    ing = sub.add_parser("ingest", help="read a dataset in its real layout into normalized Parquet shards")
+    ing.add_argument("--list-formats", action="store_true", help="print the dataset formats and exit")
+    ing.add_argument("--format", help="dataset format (see --list-formats)")
+    ing.add_argument("--source", help="the dataset's folder or file")
+    ing.add_argument("--dataset", help="take format/source/options from params.yaml ingest.datasets.NAME")
+    ing.add_argument("--option", action="append", metavar="KEY=VALUE", help="adapter option (repeatable)")
+    ing.add_argument("--out", help="output folder of Parquet shards")
+    ing.add_argument("--params", default="params.yaml")
+    ing.set_defaults(func=cmd_ingest)
+
+    val = sub.add_parser("validate", help="check every ingested row; quarantine bad ones with a reason")
+    val.add_argument("--inputs", nargs="+", required=True, help="ingested shard folders (globs allowed)")
+    val.add_argument("--out", required=True)
+    val.add_argument("--params", default="params.yaml")
+    val.set_defaults(func=cmd_validate)
+
+    sh = sub.add_parser("shards", help="per task/split training shards with resized images")
+    sh.add_argument("--validated", required=True)
+    sh.add_argument("--out", required=True)
+    sh.add_argument("--workers", type=int, default=0, help="processes (default: params.yaml shards.workers)")
+    sh.add_argument("--params", default="params.yaml")
+    sh.set_defaults(func=cmd_shards)
 
     lc = sub.add_parser("learn-check", help="train a small model on a few VQA triples until it answers them all")
     lc.add_argument("--vqa-json", required=True, help="VQA-RAD-layout JSON (e.g. trainset.json)")

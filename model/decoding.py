@@ -114,13 +114,15 @@ class _DecoderState:
         hidden = self.model.decode(tokens, self.encoder, self.code_masks)
         return self.model.logits(hidden[:, -1])
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, static_index: torch.Tensor | None) -> None:
+        """`index`: new rows of the generated prefix; `static_index`: rows of the per-sample state
+        (None when every row stays with its sample, the common case: nothing is copied)."""
         if self.cache is not None:
-            self.cache.reorder(index)
-        else:
-            self.encoder = self.encoder.index_select(index)
-        if self.code_masks is not None:
-            self.code_masks = self.code_masks.index_select(0, index)
+            self.cache.reorder(index, static_index)
+        elif static_index is not None:
+            self.encoder = self.encoder.index_select(static_index)
+        if self.code_masks is not None and static_index is not None:
+            self.code_masks = self.code_masks.index_select(0, static_index)
 
 
 def _constraint_nodes(constraints, batch: int) -> list[CandidateTrie | None]:
@@ -190,6 +192,27 @@ def generate(model: GalenModel, input_ids: torch.Tensor | None, images: torch.Te
         model.train(was_training)
 
 
+def _keep_best(finished: list[Hypothesis], hyp: Hypothesis, beam: int) -> None:
+    """Keep the `beam` best finished hypotheses of a sample."""
+    if len(finished) < beam:
+        finished.append(hyp)
+        return
+    worst = min(range(len(finished)), key=lambda i: finished[i].score)
+    if hyp.score > finished[worst].score:
+        finished[worst] = hyp
+
+
+def _sample_done(finished: list[Hypothesis], live: list[tuple[int, int, float]], beam: int, exact: bool) -> bool:
+    """fairseq's rule: done once `beam` hypotheses have finished. With length_penalty 0 the score of
+    a live beam can only fall, so the search stops exactly when no live beam can still beat the
+    worst kept hypothesis (the search then finds what scoring every candidate finds far more often)."""
+    if len(finished) < beam:
+        return False
+    if not exact:
+        return True
+    return max(score for _, _, score in live) <= min(h.score for h in finished)
+
+
 def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[CandidateTrie | None],
                  cfg: GenerationConfig, code_masks: torch.Tensor | None) -> list[Hypothesis]:
     c, beam, device = model.cfg, cfg.beam_size, encoder.hidden.device
@@ -217,6 +240,7 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Candidat
         top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
 
         keep_rows, keep_tokens, keep_scores, next_active = [], [], [], []
+        exact = cfg.length_penalty == 0.0  # scores only fall with length: an exact stopping bound exists
         for group, sample in enumerate(active):
             chosen = []
             for rank, (score, flat) in enumerate(zip(top_scores[group], top_idx[group])):
@@ -225,15 +249,14 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Candidat
                 row = group * beam + flat // vocab
                 tok = flat % vocab
                 if tok == c.eos_id:
-                    if rank < beam and len(finished[sample]) < beam:
+                    if rank < beam or exact:
                         length = len(prefixes[row]) + 1
-                        finished[sample].append(Hypothesis(prefixes[row] + [tok], score / length ** cfg.length_penalty,
-                                                           score))
+                        _keep_best(finished[sample], Hypothesis(prefixes[row] + [tok],
+                                                                score / length ** cfg.length_penalty, score), beam)
                     continue
-                chosen.append((row, tok, score))
-                if len(chosen) == beam:
-                    break
-            if len(finished[sample]) >= beam or not chosen:
+                if len(chosen) < beam:
+                    chosen.append((row, tok, score))
+            if not chosen or _sample_done(finished[sample], chosen, beam, exact):
                 continue
             while len(chosen) < beam:  # pad the group with dead copies so shapes stay rectangular
                 chosen.append((chosen[0][0], chosen[0][1], NEG_INF))
@@ -245,7 +268,11 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Candidat
         if not next_active:
             break
         index = torch.tensor(keep_rows, device=device)
-        state.reorder(index)
+        static = None
+        if next_active != active:  # some samples finished: drop their per-sample state too
+            old_group = {sample: g for g, sample in enumerate(active)}
+            static = torch.tensor([old_group[s] * beam + j for s in next_active for j in range(beam)], device=device)
+        state.reorder(index, static)
         tokens = torch.cat([tokens.index_select(0, index), torch.tensor(keep_tokens, device=device)[:, None]], 1)
         prefixes = [prefixes[r] + [t] for r, t in zip(keep_rows, keep_tokens)]
         nodes = [None if nodes[r] is None else nodes[r].get(t, {}) for r, t in zip(keep_rows, keep_tokens)]
@@ -281,8 +308,10 @@ def score_candidates(model: GalenModel, input_ids: torch.Tensor | None, candidat
         pairs = [(s, seq) for s, trie in enumerate(candidates) for seq in trie.sequences]
         out = torch.empty(len(pairs))
         device = encoder.hidden.device
-        for start in range(0, len(pairs), chunk_size):
-            chunk = pairs[start:start + chunk_size]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))  # similar lengths share a chunk
+        for start in range(0, len(order), chunk_size):
+            chunk_ids = order[start:start + chunk_size]
+            chunk = [pairs[i] for i in chunk_ids]
             width = max(len(seq) for _, seq in chunk)
             target = torch.full((len(chunk), width), c.pad_id, dtype=torch.long)
             allowed_lists = []
@@ -298,15 +327,19 @@ def score_candidates(model: GalenModel, input_ids: torch.Tensor | None, candidat
             for i, lists in enumerate(allowed_lists):
                 for t, a in enumerate(lists):
                     allowed[i, t, :len(a)] = torch.tensor(a)
-            target, allowed = target.to(device), allowed.to(device)
+            # logits only for the tokens some candidate allows (the rest never enter the score)
+            union = torch.unique(allowed[allowed >= 0])
+            slot = torch.full((c.vocab_size,), 0, dtype=torch.long)
+            slot[union] = torch.arange(union.numel())
+            target, allowed, union, slot = target.to(device), allowed.to(device), union.to(device), slot.to(device)
             prev = torch.cat([torch.full_like(target[:, :1], c.bos_id), target[:, :-1]], 1)
             rows = torch.tensor([s for s, _ in chunk], device=device)
             hidden = model.decode(prev, encoder.index_select(rows))
-            logits = model.logits(hidden).float()
-            allowed_logits = logits.gather(-1, allowed.clamp(min=0)).masked_fill(allowed < 0, NEG_INF)
-            target_logit = logits.gather(-1, target[..., None]).squeeze(-1)
+            logits = (hidden @ model.embed_tokens.weight[union].t()).float()
+            allowed_logits = logits.gather(-1, slot[allowed.clamp(min=0)]).masked_fill(allowed < 0, NEG_INF)
+            target_logit = logits.gather(-1, slot[target][..., None]).squeeze(-1)
             token_lp = (target_logit - allowed_logits.logsumexp(-1)).masked_fill(target.eq(c.pad_id), 0.0)
-            out[start:start + len(chunk)] = token_lp.sum(-1).cpu()
+            out[torch.tensor(chunk_ids)] = token_lp.sum(-1).cpu()
         result, offset = [], 0
         for trie in candidates:
             result.append(out[offset:offset + len(trie)])

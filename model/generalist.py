@@ -242,18 +242,25 @@ class DecoderCache:
     def max_length(self) -> int:
         return self.self_k[0].shape[2]
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, static_index: torch.Tensor | None = None) -> None:
         """Keep/duplicate batch rows (beam search reordering, dropping finished samples).
 
-        Biases with a batch dimension of 1 are shared by every row and stay as they are.
+        `index` picks the rows of the growing self-attention cache. `static_index` picks the rows
+        of what never changes within a sample (encoder output, cross-attention keys/values and
+        bias); None means the row-to-sample layout is unchanged, so nothing static is copied —
+        beams only move within their own sample. Biases with a batch dimension of 1 are shared.
         """
         def pick(t: torch.Tensor) -> torch.Tensor:
-            return t.index_select(0, index) if t.shape[0] > 1 else t
+            return t.index_select(0, static_index) if t.shape[0] > 1 else t
 
-        self.encoder = self.encoder.index_select(index)
-        self.code_masks = None if self.code_masks is None else self.code_masks.index_select(0, index)
-        for lst in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+        for lst in (self.self_k, self.self_v):
             lst[:] = [t.index_select(0, index) for t in lst]
+        if static_index is None:
+            return
+        self.encoder = self.encoder.index_select(static_index)
+        self.code_masks = None if self.code_masks is None else self.code_masks.index_select(0, static_index)
+        for lst in (self.cross_k, self.cross_v):
+            lst[:] = [t.index_select(0, static_index) for t in lst]
         self.self_bias = [pick(b) for b in self.self_bias]
         self.cross_bias = pick(self.cross_bias)
 

@@ -1,0 +1,138 @@
+"""Shard stage: validated rows -> per task/split Parquet shards that Ray Data reads for training.
+
+Images are resized once here (as params.yaml says, per task) and re-encoded, so training workers
+never decode full-size scans. Closed answer sets (VQA answer lists from the training answers,
+class names, NLI answers) are written to `candidates.json` for trie decoding and trie-aware label
+smoothing, and `manifest.json` records counts and the task-mixture weights. Input files are
+processed in parallel by a process pool (`workers`), one task per input shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from flows.ingest.schema import ARROW_SCHEMA, Record, read_records, to_row
+from model.errors import GalenInputError
+from model.tasks import NLI_ANSWERS
+
+
+@dataclass
+class ShardConfig:
+    """params.yaml `shards:`."""
+
+    image_size: dict[str, int] = field(default_factory=lambda: {"default": 256})
+    image_format: str = "png"           # png (lossless) or jpeg
+    jpeg_quality: int = 95
+    rows_per_shard: int = 1024
+    workers: int = 1
+    mixture: dict[str, float] = field(default_factory=dict)  # task -> sampling weight in training
+
+    @classmethod
+    def from_params(cls, params: dict) -> "ShardConfig":
+        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise GalenInputError(f"unknown shards params {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        cfg = cls(**params)
+        if cfg.image_format not in ("png", "jpeg"):
+            raise GalenInputError(f"shards.image_format must be png or jpeg, got {cfg.image_format!r}")
+        bad = {t: w for t, w in cfg.mixture.items() if not isinstance(w, (int, float)) or w < 0}
+        if bad:
+            raise GalenInputError(f"shards.mixture weights must be numbers >= 0, got {bad}")
+        return cfg
+
+    def size_for(self, task: str) -> int:
+        return int(self.image_size.get(task, self.image_size.get("default", 256)))
+
+
+def resize_image(data: bytes, size: int, fmt: str, quality: int) -> bytes:
+    """Square resize (bicubic, RGB) and re-encode, as the model's preprocessing expects."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG" if fmt == "png" else "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _process_file(args: tuple[str, str, dict, int]) -> list[Path]:
+    """One validated shard -> rows written to per task/split part files of this worker."""
+    src, out_dir, cfg_dict, file_index = args
+    cfg = ShardConfig(**cfg_dict)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    written: list[Path] = []
+
+    def flush(key: tuple[str, str]) -> None:
+        task, split = key
+        folder = Path(out_dir) / task / split
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"part-{file_index:05d}-{len([p for p in written if p.parent == folder]):04d}.parquet"
+        pq.write_table(pa.Table.from_pylist(groups[key], schema=ARROW_SCHEMA), path, compression="zstd")
+        written.append(path)
+        groups[key] = []
+
+    for rec in read_records(src):
+        if rec.image is not None:
+            rec.image = resize_image(rec.image, cfg.size_for(rec.task), cfg.image_format, cfg.jpeg_quality)
+        key = (rec.task, rec.split)
+        groups[key].append(to_row(rec))
+        if len(groups[key]) >= cfg.rows_per_shard:
+            flush(key)
+    for key in list(groups):
+        if groups[key]:
+            flush(key)
+    return written
+
+
+def closed_answer_sets(records: list[Record]) -> dict[str, dict[str, list[str]]]:
+    """Per dataset and task, the candidate answers used by trie decoding and trie-aware smoothing."""
+    sets: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for r in records:
+        if r.task == "vqa" and r.split == "train":
+            sets[r.dataset]["vqa"].add(r.target.strip().lower())
+        elif r.task == "classification" and r.candidates:
+            sets[r.dataset]["classification"].update(r.candidates)
+        elif r.task == "nli":
+            sets[r.dataset]["nli"].update(NLI_ANSWERS)
+    return {d: {t: sorted(v) for t, v in tasks.items()} for d, tasks in sorted(sets.items())}
+
+
+def build_shards(validated_dir: str | Path, out_dir: str | Path, cfg: ShardConfig) -> dict:
+    src = Path(validated_dir)
+    files = sorted(p for p in src.glob("part-*.parquet"))
+    if not files:
+        raise GalenInputError(f"no validated shards in {src}; run the validate stage first")
+    out = Path(out_dir)
+    if out.exists():
+        for old in out.rglob("*.parquet"):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(f), str(out), cfg.__dict__, i) for i, f in enumerate(files)]
+    if cfg.workers > 1:
+        with ProcessPoolExecutor(cfg.workers) as pool:
+            written = [p for ps in pool.map(_process_file, jobs) for p in ps]
+    else:
+        written = [p for job in jobs for p in _process_file(job)]
+    records = [r for f in files for r in read_records(f)]
+    counts = Counter(f"{r.task}/{r.split}" for r in records)
+    candidates = closed_answer_sets(records)
+    (out / "candidates.json").write_text(json.dumps(candidates, indent=2, sort_keys=True) + "\n")
+    tasks = sorted({r.task for r in records})
+    mixture = {t: float(cfg.mixture.get(t, 1.0)) for t in tasks}
+    manifest = {"shards": len(written), "rows": len(records), "by_task_split": dict(sorted(counts.items())),
+                "image_size": {t: cfg.size_for(t) for t in tasks}, "image_format": cfg.image_format,
+                "mixture": mixture}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def shard_paths(shards_dir: str | Path, task: str, split: str) -> list[str]:
+    """Parquet files of one task/split, for `ray.data.read_parquet`."""
+    return sorted(str(p) for p in (Path(shards_dir) / task / split).glob("*.parquet"))
