@@ -75,6 +75,14 @@ def corpus_texts(paths: Sequence[str], fields: Sequence[str]) -> Iterator[str]:
     from model.errors import GalenInputError
 
     for p in map(Path, paths):
+        if p.is_dir() or p.suffix == ".parquet":  # Galen shards: the text of the training split
+            from flows.ingest.schema import read_records
+
+            for rec in read_records(p):
+                if rec.split == "train" and not rec.problem:
+                    yield from (v.strip() for v in (rec.question, rec.text, rec.premise, rec.hypothesis,
+                                                     rec.target) if v and v.strip())
+            continue
         if not p.is_file():
             raise GalenInputError(f"corpus file {p} not found")
         if p.suffix == ".txt":
@@ -338,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="train and try the text tokenizer").add_subparsers(
         dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
     train = tok.add_parser("train", help="train a SentencePiece model on a text corpus")
-    train.add_argument("--corpus", nargs="+", required=True, help=".txt (a text per line), .json or .jsonl files")
+    train.add_argument("--corpus", nargs="+", required=True, help=".txt (a text per line), .json or .jsonl files, "
+                       "or folders of Galen Parquet shards (their training split's text)")
     train.add_argument("--fields", nargs="+", default=list(CORPUS_FIELDS), help="text fields of JSON records")
     train.add_argument("--out", required=True)
     train.add_argument("--vocab-size", type=int, default=8000)

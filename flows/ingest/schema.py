@@ -126,9 +126,9 @@ class ShardWriter:
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
-    """Records of one shard file or of every `*.parquet` in a folder (sorted)."""
+    """Records of one shard file or of every `part-*.parquet` in a folder (sorted)."""
     path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
     if not files:
         raise GalenInputError(f"no Parquet shards in {path}; run the ingest stage first")
     for f in files:
