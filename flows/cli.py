@@ -241,9 +241,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
         inputs += [m for m in matches if m.is_dir()]
     if not inputs:
         raise GalenError(f"no ingested folders match {args.inputs}; run the ingest stage first")
-    summary = validate(inputs, args.out, cfg)
+    summary = validate(inputs, args.out, cfg, report_path=args.report)
     print(f"validated {summary['rows']} rows: {summary['valid']} valid, {summary['quarantined']} quarantined "
-          f"({summary['bad_fraction']:.1%}); report in {args.out}/report.json")
+          f"({summary['bad_fraction']:.1%}); report in {args.report or Path(args.out) / 'report.json'}")
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check every ingested row; quarantine bad ones with a reason")
     val.add_argument("--inputs", nargs="+", required=True, help="ingested shard folders (globs allowed)")
     val.add_argument("--out", required=True)
+    val.add_argument("--report", help="write the data report (a DVC metric) here instead of OUT/report.json")
     val.add_argument("--params", default="params.yaml")
     val.set_defaults(func=cmd_validate)
 

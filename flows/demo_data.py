@@ -1,16 +1,29 @@
 """Procedural, learnable demo data written in the raw layouts of real datasets.
 
-This first part writes a VQA-RAD-style dataset (`trainset.json`, `testset.json` and an image
+`write_vqa_rad` writes a VQA-RAD-style dataset (`trainset.json`, `testset.json` and an image
 folder of `synpicNNNN.jpg`): radiograph-like textures with bright round "nodules" whose presence,
 count, side and size decide the answers, so a model that learns shows it in its accuracy.
-Everything is reproducible from the seed.
+`write_demo` writes one folder per ingest format (VQA-RAD, R2Gen IU X-ray, MedMNIST, MedNLI, MeQSum,
+caption CSV + WebDataset, DICOM, and a small set of real images shipped by installed packages), so
+the demo pipeline runs through the real adapters. Everything is reproducible from the seed, down
+to the bytes: fixed encoder settings, zip/tar timestamps, sorted JSON keys and seed-derived UIDs.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
+import shutil
+import tarfile
+import uuid
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -50,7 +63,14 @@ def make_image(rng: np.random.Generator, size: int) -> DemoImage:
         r = int(size * (0.09 if large else 0.05))
         # radiological convention: the patient's left is on the image's right
         lo, hi = (size // 2 + r + 2, size - r - 6) if side == "left" else (r + 6, size // 2 - r - 2)
-        cx, cy = int(rng.integers(lo, hi)), int(rng.integers(r + 8, size - r - 8))
+        # overlapping nodules would merge into one visible blob and make the count answer wrong, so
+        # redraw the position (the first draw is the one older versions used, keeping most images as they were)
+        for _attempt in range(50):
+            cx, cy = int(rng.integers(lo, hi)), int(rng.integers(r + 8, size - r - 8))
+            if all((cx - ox) ** 2 + (cy - oy) ** 2 > (r + orad + 4) ** 2 for ox, oy, orad in nodules):
+                break
+        else:
+            continue  # no room left: fewer nodules, and the answers follow the nodules actually drawn
         img = np.where((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r, 220.0, img)
         nodules.append((cx, cy, r))
     return DemoImage(np.clip(img, 0, 255).astype(np.uint8), modality, nodules)

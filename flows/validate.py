@@ -123,8 +123,9 @@ def _dedup_key(rec: Record) -> tuple:
 
 
 def validate(sources: Iterable[str | Path], out_dir: str | Path, cfg: ValidationConfig,
-             rows_per_shard: int = 2048) -> dict:
-    """Validate ingested shards into `out_dir/{part-*.parquet, quarantine.parquet, report.json}`."""
+             rows_per_shard: int = 2048, report_path: str | Path | None = None) -> dict:
+    """Validate ingested shards into `out_dir/{part-*.parquet, quarantine.parquet}` and a report
+    (`out_dir/report.json` unless `report_path` says where: DVC metrics live outside outputs)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.parquet"):
@@ -180,11 +181,13 @@ def validate(sources: Iterable[str | Path], out_dir: str | Path, cfg: Validation
                "bad_fraction": round(bad_fraction, 6), "max_bad_fraction": cfg.max_bad_fraction,
                "valid_by_task_split": dict(sorted(by_task_split.items())),
                "quarantined_by_task_split_reason": dict(sorted(report.items()))}
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report_file = Path(report_path) if report_path else out / "report.json"
+    report_file.parent.mkdir(parents=True, exist_ok=True)
+    report_file.write_text(json.dumps(summary, indent=2) + "\n")
     if bad_fraction > cfg.max_bad_fraction:
         top = ", ".join(f"{k} ({v})" for k, v in report.most_common(5))
         raise DataQualityError(
             f"{len(quarantined)} of {len(records)} rows ({bad_fraction:.1%}) failed validation, above "
             f"validate.max_bad_fraction={cfg.max_bad_fraction:.1%}. Most common: {top}. The rows and their reasons "
-            f"are in {out / 'quarantine.parquet'}; fix the source data or raise the threshold in params.yaml.")
+            f"are in {out / 'quarantine.parquet'}, counts in {report_file}; fix the source data or raise the threshold in params.yaml.")
     return summary

@@ -157,12 +157,13 @@ def _read_file(path: Path, split: str, task: str | None, dataset: str, license: 
 
 
 def _files(source: Path, split: str | None) -> list[tuple[Path, str]]:
-    """(file, split) pairs: a single file takes `split` (else its name, else train); a folder names each file's split."""
+    """(file, split) pairs: one file takes `split` (else its name, else train); in a folder, each file's name."""
     if source.is_file():
         if split is not None:
-            if split not in SPLITS:
+            name = _SPLIT_NAMES.get(str(split).lower())
+            if name is None:
                 raise GalenInputError(f"ofa-tsv: split must be one of {SPLITS}, got {split!r}")
-            return [(source, split)]
+            return [(source, name)]
         return [(source, split_of(source) or "train")]
     if split is not None:
         raise GalenInputError("ofa-tsv: option split applies to a single .tsv file; in a folder each file's name "

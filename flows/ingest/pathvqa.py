@@ -30,7 +30,7 @@ _SPLIT_RE = re.compile(r"^(train|validation|valid|val|dev|test)(?:[-_.]|$)", re.
 
 
 def split_of(path: Path) -> str | None:
-    """Split named by the file (`train-00000-of-00002.parquet`) or, failing that, by its folder (`train/0000.parquet`)."""
+    """Split named by the file (`train-00000-of-00002.parquet`), else by its folder (`train/0000.parquet`)."""
     for name in (path.name, path.parent.name):
         m = _SPLIT_RE.match(name)
         if m:

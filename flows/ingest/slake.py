@@ -83,7 +83,8 @@ def read(source: Path, language: str = "en", **unknown: object) -> Iterator[Reco
         raise GalenInputError(f"slake: language must be one of {LANGUAGES}, got {language!r}")
     source = Path(source)
     if not source.is_dir():
-        raise GalenInputError(f"{source} is not a folder; point --source at the SLAKE folder holding train.json and imgs/")
+        raise GalenInputError(f"{source} is not a folder; point --source at the SLAKE folder "
+                              "holding train.json and imgs/")
     image_dir = source / IMAGE_DIR
     if not image_dir.is_dir():
         raise GalenInputError(f"{source} has no {IMAGE_DIR}/ folder; unpack SLAKE's imgs.zip next to the JSON files")

@@ -1,0 +1,336 @@
+"""Generic image-caption formats (`caption-csv`, `webdataset`) and the helpers every captioning adapter shares.
+
+The helpers live here so that R2Gen, ROCO, PEIR Gross, MedICat and the generic formats read images and
+caption files the same careful way: an image path that would leave its root (`../`, an absolute path, a
+symlink pointing out) becomes a record problem and is never opened, a caption file that is not valid
+UTF-8/CSV is one clear `GalenInputError`, and a record with an empty caption is still written with a
+problem so validation can quarantine it.
+
+WebDataset decision: every shard is checked (headers walked, end-of-archive marker required) before
+any sample is yielded, so a truncated or corrupt shard fails the whole ingest with an error naming the
+shard instead of silently writing a partial dataset. Python's `tarfile` alone treats a shard cut at a
+header as a clean end of archive, hence the explicit end-marker check.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import posixpath
+import re
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterable, Iterator
+
+from flows.ingest import register_format
+from flows.ingest.schema import SPLITS, Record, split_by_hash
+from model.errors import GalenInputError
+
+LICENSE_UNSPECIFIED = "unspecified: see the source dataset's own terms (pass license=... to record them)"
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_BLOCK = 512
+
+
+# ---------------------------------------------------------------- shared helpers (all captioning adapters)
+
+def check_options(fmt: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
+    """Reject unknown options: a typo (`all_view=true`) must not silently fall back to a default."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise GalenInputError(f"format {fmt!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
+
+
+def normalize_split(value: Any) -> str | None:
+    """`train|val|test` for the usual spellings (validation, dev, ...), None for anything else."""
+    return SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
+
+
+def split_option(fmt: str, value: Any) -> str | None:
+    """A `split=` option checked up front (it would otherwise fail on the first record)."""
+    if value is None:
+        return None
+    split = normalize_split(value)
+    if split is None:
+        raise GalenInputError(f"format {fmt!r}: split={value!r} is not one of {SPLITS}")
+    return split
+
+
+def unsafe_path_reason(name: str) -> str | None:
+    """Why a relative path from a caption file or archive must not be opened (None when it is fine)."""
+    if not name or not name.strip():
+        return "empty path"
+    if "\x00" in name:
+        return "path contains a NUL byte"
+    win = PureWindowsPath(name)
+    if PurePosixPath(name).is_absolute() or win.is_absolute() or win.drive or name.startswith("\\"):
+        return f"absolute path {name!r}"
+    if ".." in re.split(r"[\\/]", name):
+        return f"path {name!r} has '..' components"
+    return None
+
+
+def read_inside(root: Path, name: str) -> tuple[bytes | None, str | None]:
+    """Bytes of `root/name` if it is a regular file that really lies inside `root`, else (None, why).
+
+    Absolute paths and `..` are refused before touching the disk; symlinks are resolved and refused
+    when they point outside `root`, so a dataset can never make the ingest read other files.
+    """
+    reason = unsafe_path_reason(name)
+    if reason:
+        return None, f"unsafe image path ({reason}); not read"
+    path = Path(root) / name
+    try:
+        real, real_root = path.resolve(), Path(root).resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops
+        return None, f"image path {name!r} cannot be resolved ({e})"
+    if not real.is_relative_to(real_root):
+        return None, f"image {name!r} is a symlink pointing outside {root}; not followed"
+    if not real.is_file():
+        return None, f"image file {name!r} not found in {root}"
+    try:
+        return real.read_bytes(), None
+    except OSError as e:
+        return None, f"image {name!r} cannot be read ({e})"
+
+
+def caption_record(dataset: str, source_id: str, split: str, caption: Any, image: bytes | None, license: str,
+                   problem: str | None = None, meta: dict[str, Any] | None = None) -> Record:
+    """A `task="caption"` record; an empty or non-text caption adds a problem instead of dropping the row."""
+    problems = [problem] if problem else []
+    if caption is None:
+        caption = ""
+    elif not isinstance(caption, str):
+        problems.append(f"caption is {type(caption).__name__}, not text")
+        caption = ""
+    caption = caption.strip()
+    if not caption:
+        problems.append("empty caption")
+    return Record(task="caption", split=split, dataset=dataset, source_id=source_id, target=caption, image=image,
+                  license=license, problem="; ".join(problems) or None, meta=meta or {})
+
+
+def iter_csv(path: Path, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of a CSV file, strictly parsed: bad quoting or encoding is one clear error."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            for row in reader:
+                yield reader.line_num, row
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise GalenInputError(f"{path} is not a valid UTF-8 CSV file ({e}); fix the file (captions holding the "
+                              "delimiter must be quoted) or re-export it") from e
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text without newline) of a UTF-8 text file such as a tab-separated caption list."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as f:
+            for n, line in enumerate(f, start=1):
+                yield n, line.rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise GalenInputError(f"{path} is not UTF-8 text ({e}); re-download or re-encode it") from e
+
+
+def column_index(header: list[str], names: Iterable[str]) -> int | None:
+    """Index of the first of `names` among the header cells (case- and space-insensitive)."""
+    cols = {c.strip().lower(): i for i, c in enumerate(header)}
+    return next((cols[n] for n in names if n in cols), None)
+
+
+def single_file(source: Path, suffixes: tuple[str, ...], what: str, preferred: Iterable[str] = ()) -> Path:
+    """`source` itself, or the one file with one of `suffixes` in the folder `source` (else an error)."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    if not source.is_dir():
+        raise GalenInputError(f"{source} does not exist; point --source at the {what} or its folder")
+    for name in preferred:
+        if (source / name).is_file():
+            return source / name
+    found = sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(suffixes))
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) or "none"
+        raise GalenInputError(f"{source} must hold exactly one {what} ({'/'.join(suffixes)}), found {listed}; "
+                              "point --source at the file itself")
+    return found[0]
+
+
+# ---------------------------------------------------------------- caption-csv
+
+def _cell(row: list[str], index: int | None) -> str:
+    return row[index].strip() if index is not None and index < len(row) else ""
+
+
+@register_format("caption-csv", "generic image-caption CSV: filepath|image,caption[,split,id,...] "
+                 "(paths relative to the CSV)")
+def read_caption_csv(source: Path, **options: Any) -> Iterator[Record]:
+    """Rows of `filepath,caption` (or `image,caption`); extra columns go to meta.
+
+    Captions of the same image share a split (hashed on the path) so no image leaks from train to test.
+    `source_id` is the `id` column when present, else the path (`path#N` for its N-th repeat).
+    """
+    check_options("caption-csv", options, {"dataset", "license"})
+    dataset = str(options.get("dataset") or "caption-csv")
+    license = str(options.get("license") or LICENSE_UNSPECIFIED)
+    path = single_file(Path(source), (".csv",), "caption CSV")
+    root = path.parent
+    rows = iter_csv(path)
+    first = next(rows, None)
+    if first is None:
+        raise GalenInputError(f"{path} is empty; a caption CSV needs a header row filepath,caption")
+    header = first[1]
+    path_col = column_index(header, ("filepath", "image"))
+    caption_col = column_index(header, ("caption",))
+    if path_col is None or caption_col is None:
+        raise GalenInputError(f"{path} has columns {header}; a caption CSV needs filepath (or image) and caption")
+    split_col = column_index(header, ("split",))
+    id_col = column_index(header, ("id",))
+    known = {path_col, caption_col, split_col, id_col}
+    seen: Counter[str] = Counter()
+    for line, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        rel = _cell(row, path_col)
+        problems = []
+        if len(row) != len(header):
+            problems.append(f"line {line} has {len(row)} fields, header has {len(header)} "
+                            "(quote captions that contain commas)")
+        sid = _cell(row, id_col)
+        if not sid and rel:
+            sid = rel if not seen[rel] else f"{rel}#{seen[rel]}"
+            seen[rel] += 1
+        sid = sid or f"{path.name}:{line}"
+        raw_split = _cell(row, split_col)
+        split = normalize_split(raw_split) if raw_split else None
+        if raw_split and split is None:
+            problems.append(f"unknown split {raw_split!r}")
+        image = None
+        if rel:
+            image, problem = read_inside(root, rel)
+            if problem:
+                problems.append(problem)
+        else:
+            problems.append("no image path")
+        meta = {"image_path": rel, "csv": path.name, "line": line}
+        meta.update({header[i].strip(): row[i] for i in range(min(len(row), len(header))) if i not in known})
+        yield caption_record(dataset, sid, split or split_by_hash(rel or sid), _cell(row, caption_col), image, license,
+                             "; ".join(problems) or None, meta)
+
+
+# ---------------------------------------------------------------- webdataset
+
+def _shards(source: Path) -> list[Path]:
+    """One shard, or the shards of a folder in name order (shard-000000.tar, shard-000001.tar, ...)."""
+    if source.is_file():
+        return [source]
+    shards = sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(SHARD_SUFFIXES))
+    if not shards:
+        raise GalenInputError(f"{source} holds no tar shards ({', '.join(SHARD_SUFFIXES)}); "
+                              "point --source at a WebDataset shard or its folder")
+    return shards
+
+
+def _check_shard(shard: Path) -> None:
+    """Walk every header and require the end-of-archive marker; raise naming the shard if it is damaged."""
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            while tar.next() is not None:
+                tar.members.clear()  # only the headers matter here; keep memory flat
+            tar.fileobj.seek(tar.offset)
+            marker = tar.fileobj.read(_BLOCK)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise GalenInputError(f"WebDataset shard {shard} is truncated or corrupt ({e}); re-download or rebuild "
+                              "it (no sample was ingested)") from e
+    if marker != b"\0" * _BLOCK:
+        raise GalenInputError(f"WebDataset shard {shard} is truncated or corrupt (no end-of-archive marker after "
+                              f"byte {tar.offset}); re-download or rebuild it (no sample was ingested)")
+
+
+def _key_ext(name: str) -> tuple[str, str]:
+    """WebDataset grouping: the key is the path up to the first dot of the file name, the rest the extension."""
+    name = posixpath.normpath(name)
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def _sample_record(key: str, files: dict[str, bytes], problems: list[str], shard: Path, dataset: str, license: str,
+                   split: str | None) -> Record:
+    image_ext = next((e for e in WDS_IMAGE_EXTS if e in files), None)
+    problems = list(problems)
+    if image_ext is None:
+        problems.append(f"no image member ({'/'.join('.' + e for e in WDS_IMAGE_EXTS)})")
+    caption: str | None = None
+    if "txt" in files:
+        try:
+            caption = files["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"{key}.txt is not UTF-8")
+    else:
+        problems.append(f"no caption member {key}.txt")
+    meta: dict[str, Any] = {"shard": shard.name, "members": sorted(f"{key}.{e}" for e in files)}
+    if "json" in files:
+        try:
+            meta["json"] = json.loads(files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(f"{key}.json is not valid JSON ({e})")
+    return caption_record(dataset, key, split or split_by_hash(key), caption,
+                          files.get(image_ext) if image_ext else None, license, "; ".join(problems) or None, meta)
+
+
+def _read_shard(shard: Path, dataset: str, license: str, split: str | None) -> Iterator[Record]:
+    """Samples of one shard, read member by member into memory (nothing is ever extracted to disk)."""
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    problems: list[str] = []
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # keep memory flat on large shards
+                if member.isdir():
+                    continue
+                reason = unsafe_path_reason(member.name)
+                if reason is None and not member.isfile():
+                    reason = f"member {member.name!r} is a link or special file; not followed"
+                if reason:
+                    sid = f"{shard.name}:{member.name}"
+                    yield Record(task="caption", split=split or split_by_hash(sid), dataset=dataset, source_id=sid,
+                                 license=license, problem=f"unsafe archive member ({reason}); not read",
+                                 meta={"shard": shard.name, "member": member.name})
+                    continue
+                member_key, ext = _key_ext(member.name)
+                if member_key != key:
+                    if key is not None:
+                        yield _sample_record(key, files, problems, shard, dataset, license, split)
+                    key, files, problems = member_key, {}, []
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]  # regular file: never None
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} has {len(data)} of {member.size} bytes")
+                if ext in files:
+                    problems.append(f"duplicate member {member.name}")
+                else:
+                    files[ext] = data
+            if key is not None:
+                yield _sample_record(key, files, problems, shard, dataset, license, split)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise GalenInputError(f"WebDataset shard {shard} became unreadable while reading ({e}); "
+                              "re-download or rebuild it") from e
+
+
+@register_format("webdataset", "WebDataset tar shards of key.jpg|key.png + key.txt caption [+ key.json]")
+def read_webdataset(source: Path, **options: Any) -> Iterator[Record]:
+    """Caption samples of `*.tar` shards; `split=` for all of them, else a hash of the sample key."""
+    check_options("webdataset", options, {"dataset", "license", "split"})
+    dataset = str(options.get("dataset") or "webdataset")
+    license = str(options.get("license") or LICENSE_UNSPECIFIED)
+    split = split_option("webdataset", options.get("split"))
+    shards = _shards(Path(source))
+    for shard in shards:  # all shards checked first: a damaged one fails before anything is written
+        _check_shard(shard)
+    for shard in shards:
+        yield from _read_shard(shard, dataset, license, split)
