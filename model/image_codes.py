@@ -199,7 +199,7 @@ def _assign(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         d = c_sq[None, :] - 2.0 * (xb @ c.T)
         a = d.argmin(1)
         labels.append(a)
-        dists.append((d.gather(1, a[:, None])[:, 0] + (xb * xb).sum(1)).clamp_min(0))
+        dists.append(((xb - c[a]) ** 2).sum(1))  # direct, free of the expansion's cancellation
     return torch.cat(labels), torch.cat(dists)
 
 

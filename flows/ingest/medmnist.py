@@ -120,10 +120,14 @@ def read_npz(path: Path, info: dict[str, dict]) -> Iterator[Record]:
             raise GalenInputError(f"{path.name} has none of train_images/val_images/test_images "
                                   f"(keys: {data.files}); is it a MedMNIST v2 file?")
         for split in present:
-            images, key = data[f"{split}_images"], f"{split}_labels"
+            key = f"{split}_labels"
             if key not in data.files:
                 raise GalenInputError(f"{path.name} has {split}_images but no {key}; re-download the file")
-            labels = data[key]
+            try:
+                images, labels = data[f"{split}_images"], data[key]
+            except ValueError as e:  # object arrays need pickle, which we never unpickle from a download
+                raise GalenInputError(f"{path.name}:{split} holds object arrays ({e}); MedMNIST files hold plain "
+                                      "uint8/int arrays: re-download the original file") from e
             if images.dtype != np.uint8:
                 raise GalenInputError(f"{path.name}:{split}_images is {images.dtype}, MedMNIST images are uint8")
             if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):

@@ -1,0 +1,295 @@
+"""A folder of DICOM files (searched recursively, with or without `.dcm`) as captioned or labelled images.
+
+Pixels become display-ready uint8 PNGs the way a viewer shows them: Modality LUT (rescale
+slope/intercept to e.g. Hounsfield units), then the VOI window (WindowCenter/Width, the first one
+when several are given; else a VOI LUT Sequence; else the frame's min-max), MONOCHROME1 inverted so
+that high values are bright, colour (RGB, YBR converted by pydicom, PALETTE COLOR through its LUT)
+kept as RGB. Multi-frame files give their middle frame (`frames="middle"`) or one record per frame
+(`frames="all"`, source_id `<path>#frame=<i>`).
+
+Targets: `task="caption"` takes the text of `caption_from` (SeriesDescription by default);
+`task="classification"` takes `label` from a `labels.csv` (`file,label`; `file` relative to the
+folder or a unique file name) inside the folder or beside it, or given with `labels=`.
+
+Privacy: `meta` holds only an allow-list of technical tags (no PatientName/ID/BirthDate or any other
+identifier). The split is a hash of StudyInstanceUID, so every image of one study lands in one split;
+the UID itself is not stored. `source_id` is the file's path relative to the folder (so a problem
+record points at the file): de-identify folder names before ingest if they carry patient names.
+
+A file that cannot become an image is a record with `problem`: a `.dcm` file that is not DICOM, a
+DICOM without pixel data, or a compressed transfer syntax whose decoder is not installed (the
+message names the transfer syntax and the package to install). Files without a DICOM preamble and
+without a `.dcm`/`.dicom` extension (READMEs, thumbnails) are not DICOM data: skipped and counted in
+an info log, as is a DICOMDIR index.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from flows.ingest import register_format
+from flows.ingest.schema import Record, encode_png, split_by_hash
+from model.errors import GalenInputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LICENSE = "unknown — set license= for your data"
+CAPTION_FIELDS = ("StudyDescription", "SeriesDescription", "BodyPartExamined")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+LABELS_FILE = "labels.csv"
+# technical tags only: nothing here identifies a patient, an institution or a date
+META_TAGS = ("Modality", "BodyPartExamined", "PhotometricInterpretation", "Rows", "Columns", "SamplesPerPixel",
+             "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+             "BurnedInAnnotation")  # "YES" flags text burned into the pixels (may show identifiers): filter on it
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+_LIBJPEG = "`pip install pylibjpeg pylibjpeg-libjpeg` (or `pip install python-gdcm`)"
+_OPENJPEG = "`pip install pylibjpeg pylibjpeg-openjpeg` (or `pip install python-gdcm`)"
+DECODER_HINTS = {  # transfer syntax UID -> what to install to decode it
+    "1.2.840.10008.1.2.4.50": _LIBJPEG, "1.2.840.10008.1.2.4.51": _LIBJPEG, "1.2.840.10008.1.2.4.57": _LIBJPEG,
+    "1.2.840.10008.1.2.4.70": _LIBJPEG,
+    "1.2.840.10008.1.2.4.80": "`pip install pyjpegls` or " + _LIBJPEG,
+    "1.2.840.10008.1.2.4.81": "`pip install pyjpegls` or " + _LIBJPEG,
+    "1.2.840.10008.1.2.4.90": _OPENJPEG, "1.2.840.10008.1.2.4.91": _OPENJPEG,
+    "1.2.840.10008.1.2.4.201": _OPENJPEG, "1.2.840.10008.1.2.4.202": _OPENJPEG, "1.2.840.10008.1.2.4.203": _OPENJPEG,
+    "1.2.840.10008.1.2.5": "`pip install pylibjpeg pylibjpeg-rle`",
+}
+
+
+def _pydicom() -> Any:
+    """pydicom with its v3 `pydicom.pixels` API (frame-wise decoding, LUT functions)."""
+    try:
+        import pydicom
+        import pydicom.pixels  # noqa: F401 - pydicom >= 3.0
+    except ImportError as e:
+        raise GalenInputError("the dicom format needs pydicom 3 (pydicom.pixels); run `pip install 'pydicom>=3'`") from e
+    return pydicom
+
+
+# --- pixels -------------------------------------------------------------------------------------
+
+def _first(value: Any) -> float:
+    """First value of a possibly multi-valued DS element (WindowCenter "40\\400" style)."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
+
+
+def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """The VOI window of DICOM PS3.3 C.11.2.1.2 mapped to [0, 1] (LINEAR, LINEAR_EXACT, SIGMOID)."""
+    x = x.astype(np.float64)
+    function = function.upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    y = ((x - (center - 0.5)) / (width - 1) + 0.5) if width > 1 else (x > center - 0.5).astype(np.float64)
+    y = np.where(x <= center - 0.5 - (width - 1) / 2, 0.0, y)
+    y = np.where(x > center - 0.5 + (width - 1) / 2, 1.0, y)
+    return np.clip(y, 0.0, 1.0)
+
+
+def _min_max(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    return np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
+
+
+def _to_uint8(unit: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def display_pixels(frame: np.ndarray, ds: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """One decoded frame as a uint8 HxW or HxWx3 array, and how it was mapped (for `meta`)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric == "PALETTE COLOR" and frame.ndim == 2:
+        rgb = apply_color_lut(frame, ds)
+        bits = 16 if rgb.dtype.itemsize > 1 else 8
+        return _to_uint8(rgb / float(2 ** bits - 1)), {"mapping": "palette"}
+    if frame.ndim == 3:  # colour: pydicom already turned YBR_* into RGB
+        if frame.dtype == np.uint8:
+            return frame, {"mapping": "rgb"}
+        bits = int(ds.get("BitsStored") or 8 * frame.dtype.itemsize)
+        return _to_uint8(frame / float(2 ** bits - 1)), {"mapping": "rgb", "bits_stored": bits}
+    values = apply_modality_lut(frame, ds)
+    info: dict[str, Any] = {}
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is not None and width is not None and _first(width) > 0:
+        c, w = _first(center), _first(width)
+        function = str(ds.get("VOILUTFunction") or "LINEAR")
+        unit, info = window(values, c, w, function), {"mapping": "window", "window": [c, w, function]}
+    elif "VOILUTSequence" in ds:
+        unit, info = _min_max(apply_voi_lut(values, ds, index=0, prefer_lut=True)), {"mapping": "voi_lut"}
+    else:
+        unit, info = _min_max(values), {"mapping": "min-max"}
+    if photometric == "MONOCHROME1":  # low values are bright: invert so the PNG reads like MONOCHROME2
+        unit = 1.0 - unit
+        info["inverted"] = True
+    return _to_uint8(unit), info
+
+
+# --- files --------------------------------------------------------------------------------------
+
+def _transfer_syntax(ds: Any) -> Any:
+    meta = getattr(ds, "file_meta", None)
+    return meta.get("TransferSyntaxUID") if meta is not None else None
+
+
+def decode_problem(ds: Any, error: Exception) -> str:
+    """A record problem for pixels that could not be decoded, naming the transfer syntax and the fix."""
+    ts = _transfer_syntax(ds)
+    said = " ".join(str(error).split())[:300]
+    if ts is not None and ts.is_compressed:
+        hint = DECODER_HINTS.get(str(ts), "`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
+                                          "(or `pip install python-gdcm`)")
+        return (f"cannot decode pixel data compressed as {ts.name} ({ts}): no working decoder; install one with "
+                f"{hint}. pydicom said: {said}")
+    name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+    return f"cannot decode pixel data ({name}): {type(error).__name__}: {said}"
+
+
+def _labels(source: Path, labels: str | Path | None) -> dict[str, str]:
+    """`file -> label` from labels.csv (given, inside the folder, or beside it)."""
+    candidates = [Path(labels)] if labels is not None else [source / LABELS_FILE, source.parent / LABELS_FILE]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise GalenInputError(f"task=classification needs a {LABELS_FILE} (columns file,label); none at "
+                              f"{', '.join(str(p) for p in candidates)}; write one or pass labels=PATH")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in reader.fieldnames or []]
+        if "file" not in fields or "label" not in fields:
+            raise GalenInputError(f"{path} must have columns file,label (has {fields})")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    table = {row["file"].replace("\\", "/"): row["label"] for row in rows if row.get("file")}
+    if not table:
+        raise GalenInputError(f"{path} has no labelled files")
+    return table
+
+
+def _lookup(table: dict[str, str], rel: str) -> str | None:
+    if rel in table:
+        return table[rel]
+    name = rel.rsplit("/", 1)[-1]
+    matches = [v for k, v in table.items() if k.rsplit("/", 1)[-1] == name]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _open(path: Path, pydicom: Any) -> tuple[Any | None, str | None]:
+    """(dataset, None), (None, problem), or (None, None) for a file that is not DICOM data at all."""
+    has_preamble = pydicom.misc.is_dicom(path)
+    if not has_preamble and path.suffix.lower() not in DICOM_SUFFIXES:
+        return None, None
+    try:
+        ds = pydicom.dcmread(path, force=not has_preamble)
+    except Exception as e:  # noqa: BLE001 - any parse failure is this file's problem, not the run's
+        return None, f"not a readable DICOM file: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    if not has_preamble and "PixelData" not in ds and "SOPClassUID" not in ds:
+        return None, "not a DICOM file (no DICM preamble and no DICOM elements)"
+    return ds, None
+
+
+def _is_directory_index(path: Path, ds: Any) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    sop = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    return path.name.upper() == "DICOMDIR" or sop == MEDIA_STORAGE_DIRECTORY
+
+
+def _meta(ds: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tag in META_TAGS:
+        value = ds.get(tag)
+        if value is not None and value != "":
+            out[tag] = int(value) if isinstance(value, int) else float(value) if isinstance(value, float) else str(value)
+    ts = _transfer_syntax(ds)
+    if ts is not None:
+        out["TransferSyntax"] = ts.name
+    return out
+
+
+@register_format("dicom", "DICOM folder (recursive): caption from a description tag, or labels.csv classification")
+def read(source: Path, task: str = "caption", caption_from: str = "SeriesDescription", frames: str = "middle",
+         labels: str | Path | None = None, license: str = DEFAULT_LICENSE, **_: object) -> Iterator[Record]:
+    pydicom = _pydicom()
+    from pydicom.pixels import pixel_array
+
+    source = Path(source)
+    if task not in ("caption", "classification"):
+        raise GalenInputError(f"dicom task must be caption or classification, not {task!r}")
+    if caption_from not in CAPTION_FIELDS:
+        raise GalenInputError(f"caption_from must be one of {CAPTION_FIELDS}, not {caption_from!r}")
+    if frames not in ("middle", "all"):
+        raise GalenInputError(f"frames must be 'middle' or 'all', not {frames!r}")
+    root = source if source.is_dir() else source.parent
+    table = _labels(root, labels) if task == "classification" else {}
+    candidates = sorted(set(table.values())) if table else None
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    ignored = 0
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if path.name == LABELS_FILE or path.name.startswith("."):
+            ignored += 1
+            continue
+        ds, problem = _open(path, pydicom)
+        if ds is None and problem is None:
+            ignored += 1
+            continue
+        if ds is not None and _is_directory_index(path, ds):
+            ignored += 1
+            continue
+        base = dict(task=task, dataset="dicom", license=license, candidates=candidates)
+        if ds is None:
+            yield Record(split=split_by_hash(rel), source_id=rel, problem=problem, **base)
+            continue
+        split_key = str(ds.get("StudyInstanceUID") or ds.get("SeriesInstanceUID") or rel)
+        split = split_by_hash(split_key)
+        meta = _meta(ds)
+        meta["split_key"] = "study" if ds.get("StudyInstanceUID") else "series" if ds.get("SeriesInstanceUID") else "file"
+        target, problems = "", []
+        if task == "caption":
+            target = " ".join(str(ds.get(caption_from) or "").split())
+            if not target:
+                problems.append(f"no {caption_from} in this file; choose another caption_from "
+                                f"({', '.join(CAPTION_FIELDS)})")
+        else:
+            target = _lookup(table, rel) or ""
+            if not target:
+                problems.append(f"no label for {rel} in {LABELS_FILE}")
+        if "PixelData" not in ds:
+            kind = ds.get("Modality") or "unknown modality"
+            yield Record(split=split, source_id=rel, target=target, meta=meta,
+                         problem=f"DICOM file has no pixel data ({kind}; e.g. a report or plan)", **base)
+            continue
+        try:
+            n_frames = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError):
+            yield Record(split=split, source_id=rel, target=target, meta=meta,
+                         problem=f"invalid NumberOfFrames {ds.get('NumberOfFrames')!r}", **base)
+            continue
+        indices = [n_frames // 2] if frames == "middle" else list(range(n_frames))
+        for index in indices:
+            source_id = f"{rel}#frame={index}" if frames == "all" and n_frames > 1 else rel
+            try:
+                frame = pixel_array(ds, index=index)
+                pixels, mapping = display_pixels(frame, ds)
+            except Exception as e:  # noqa: BLE001 - a file pydicom cannot decode is a problem record
+                yield Record(split=split, source_id=rel, target=target, meta=meta, problem=decode_problem(ds, e),
+                             **base)
+                break  # the same decoder fails on every frame: one record says it
+            frame_meta = {**meta, **mapping, "frame": index, "frames": n_frames,
+                          "original_shape": list(frame.shape), "original_dtype": str(frame.dtype)}
+            yield Record(split=split, source_id=source_id, target=target, image=encode_png(pixels), meta=frame_meta,
+                         problem="; ".join(problems) or None, **base)
+    if ignored:
+        log.info("dicom: ignored %d files under %s that are not DICOM images (no DICM preamble, no .dcm "
+                 "extension, or a DICOMDIR index)", ignored, source)
+    if ignored == len(files):
+        raise GalenInputError(f"{source} holds no DICOM files ({len(files)} other files); point --source at a "
+                              "folder of DICOM files (with a DICM preamble or a .dcm extension)")
