@@ -67,7 +67,8 @@ def _pydicom() -> Any:
         import pydicom
         import pydicom.pixels  # noqa: F401 - pydicom >= 3.0
     except ImportError as e:
-        raise GalenInputError("the dicom format needs pydicom 3 (pydicom.pixels); run `pip install 'pydicom>=3'`") from e
+        raise GalenInputError("the dicom format needs pydicom 3 (pydicom.pixels); "
+                              "run `pip install 'pydicom>=3'`") from e
     return pydicom
 
 
@@ -202,12 +203,21 @@ def _is_directory_index(path: Path, ds: Any) -> bool:
     return path.name.upper() == "DICOMDIR" or sop == MEDIA_STORAGE_DIRECTORY
 
 
+def _plain(value: Any) -> int | float | str:
+    """pydicom's IS/DS/MultiValue as plain JSON values for `meta`."""
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)
+
+
 def _meta(ds: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag in META_TAGS:
         value = ds.get(tag)
         if value is not None and value != "":
-            out[tag] = int(value) if isinstance(value, int) else float(value) if isinstance(value, float) else str(value)
+            out[tag] = _plain(value)
     ts = _transfer_syntax(ds)
     if ts is not None:
         out["TransferSyntax"] = ts.name
@@ -251,7 +261,8 @@ def read(source: Path, task: str = "caption", caption_from: str = "SeriesDescrip
         split_key = str(ds.get("StudyInstanceUID") or ds.get("SeriesInstanceUID") or rel)
         split = split_by_hash(split_key)
         meta = _meta(ds)
-        meta["split_key"] = "study" if ds.get("StudyInstanceUID") else "series" if ds.get("SeriesInstanceUID") else "file"
+        meta["split_key"] = ("study" if ds.get("StudyInstanceUID") else
+                             "series" if ds.get("SeriesInstanceUID") else "file")
         target, problems = "", []
         if task == "caption":
             target = " ".join(str(ds.get(caption_from) or "").split())
@@ -280,9 +291,12 @@ def read(source: Path, task: str = "caption", caption_from: str = "SeriesDescrip
                 frame = pixel_array(ds, index=index)
                 pixels, mapping = display_pixels(frame, ds)
             except Exception as e:  # noqa: BLE001 - a file pydicom cannot decode is a problem record
-                yield Record(split=split, source_id=rel, target=target, meta=meta, problem=decode_problem(ds, e),
-                             **base)
-                break  # the same decoder fails on every frame: one record says it
+                first = index == indices[0]
+                yield Record(split=split, source_id=rel if first else source_id, target=target, meta=meta,
+                             problem=decode_problem(ds, e), **base)
+                if first:
+                    break  # a missing decoder fails on every frame: one record for the file says it
+                continue
             frame_meta = {**meta, **mapping, "frame": index, "frames": n_frames,
                           "original_shape": list(frame.shape), "original_dtype": str(frame.dtype)}
             yield Record(split=split, source_id=source_id, target=target, image=encode_png(pixels), meta=frame_meta,

@@ -269,7 +269,8 @@ PUBLIC_DATASETS: dict[str, PublicDataset] = {d.name: d for d in (
         note="one <flag>[_<size>].npz per subset; URLs and the publisher's MD5s come from the medmnist package "
              "(see medmnist_files); no sha256 is published"),
     PublicDataset(
-        "iu-xray", "r2gen", "https://github.com/zhjohnchan/R2Gen", "Open-i Indiana University chest X-ray collection terms",
+        "iu-xray", "r2gen", "https://github.com/zhjohnchan/R2Gen",
+        "Open-i Indiana University chest X-ray collection terms",
         # sha256 unknown: None. Google Drive answers large files with a confirmation page (caught as HTML).
         (RemoteFile("https://drive.google.com/uc?export=download&id=1c0BXEuDy8Cmm2jfN0YYGkQxFZd2ZIoLg", "iu_xray.zip",
                     extract=True),),
@@ -280,7 +281,8 @@ PUBLIC_DATASETS: dict[str, PublicDataset] = {d.name: d for d in (
         note="captions ship in the GitHub repository; images are fetched from PubMed Central by the repository's "
              "own script, so there is no single file to download here"),
     PublicDataset(
-        "meqsum", "meqsum", "https://github.com/abachaa/MeQSum", "MeQSum (Ben Abacha & Demner-Fushman 2019), research use",
+        "meqsum", "meqsum", "https://github.com/abachaa/MeQSum",
+        "MeQSum (Ben Abacha & Demner-Fushman 2019), research use",
         # sha256 not verified here: None
         (RemoteFile("https://github.com/abachaa/MeQSum/raw/master/MeQSum_ACL2019_BenAbacha_Demner-Fushman.xlsx",
                     "MeQSum_ACL2019_BenAbacha_Demner-Fushman.xlsx"),)),

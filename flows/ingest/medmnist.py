@@ -62,6 +62,8 @@ def _files(source: Path, flags: list[str] | None, info: dict[str, dict]) -> list
         if unknown:
             raise GalenInputError(f"unknown MedMNIST flags {unknown}; known flags: {', '.join(info)}")
     if source.is_file():
+        if flags is not None and parse_flag(source)[0] not in flags:
+            raise GalenInputError(f"{source.name} is not one of the requested flags {flags}")
         return [source]
     files = []
     for path in sorted(source.glob("*.npz")):

@@ -43,9 +43,11 @@ def _record(split: str, path: Path, line_no: int, line: str) -> Record:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        return Record("nli", split, "mednli", fallback_id, license=LICENSE, problem=f"line is not valid JSON ({e})")
+        return Record("nli", split, "mednli", fallback_id, candidates=list(NLI_ANSWERS), license=LICENSE,
+                      problem=f"line is not valid JSON ({e})")
     if not isinstance(row, dict):
-        return Record("nli", split, "mednli", fallback_id, license=LICENSE, problem="line is not a JSON object")
+        return Record("nli", split, "mednli", fallback_id, candidates=list(NLI_ANSWERS), license=LICENSE,
+                      problem="line is not a JSON object")
     source_id = str(row.get("pairID") or fallback_id)
     missing = [k for k in REQUIRED_KEYS if k not in row]
     label = str(row.get("gold_label", "")).strip().lower()
