@@ -257,6 +257,25 @@ def cmd_shards(args: argparse.Namespace) -> None:
     print(f"wrote {manifest['shards']} shards ({manifest['rows']} rows) to {args.out}: {manifest['by_task_split']}")
 
 
+def cmd_image_codes_train(args: argparse.Namespace) -> None:
+    from flows.image_codes import train_image_codes
+    from flows.params import load_params, section
+
+    p = section(load_params(args.params), "image_codes")
+    report = train_image_codes(args.data, args.out, num_codes=p.get("num_codes", 8192),
+                               patches_per_image=p.get("patches_per_image", 64), max_images=p.get("max_images"),
+                               seed=p.get("seed", 0))
+    print(f"trained a {report.get('num_codes', p.get('num_codes'))}-code image tokenizer on "
+          f"{report.get('images_used')} images into {args.out}")
+
+
+def cmd_image_codes_encode(args: argparse.Namespace) -> None:
+    from flows.image_codes import encode_image_codes
+
+    summary = encode_image_codes(args.data, args.codes, args.out)
+    print(f"wrote image codes to {args.out}: {summary}")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from flows.demo_data import write_vqa_rad
 
@@ -389,6 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--workers", type=int, default=0, help="processes (default: params.yaml shards.workers)")
     sh.add_argument("--params", default="params.yaml")
     sh.set_defaults(func=cmd_shards)
+
+    ic = sub.add_parser("image-codes", help="discrete image codes for image infilling").add_subparsers(
+        dest="image_codes_command", required=True, metavar="SUBCOMMAND")
+    ict = ic.add_parser("train", help="train the k-means patch codebook (settings: params.yaml image_codes)")
+    ict.add_argument("--data", required=True, help="folder of validated Parquet shards")
+    ict.add_argument("--out", required=True)
+    ict.add_argument("--params", default="params.yaml")
+    ict.set_defaults(func=cmd_image_codes_train)
+    ice = ic.add_parser("encode", help="codes of the training images' middle crops, keyed by image sha1")
+    ice.add_argument("--data", required=True, help="folder of validated Parquet shards")
+    ice.add_argument("--codes", required=True, help="image tokenizer folder (trained or precomputed)")
+    ice.add_argument("--out", required=True, help="Parquet file to write")
+    ice.set_defaults(func=cmd_image_codes_encode)
 
     lc = sub.add_parser("learn-check", help="train a small model on a few VQA triples until it answers them all")
     lc.add_argument("--vqa-json", required=True, help="VQA-RAD-layout JSON (e.g. trainset.json)")

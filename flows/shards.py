@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from flows.ingest.schema import ARROW_SCHEMA, Record, read_records, to_row
+from flows.ingest.schema import ARROW_SCHEMA, Record, image_sha1, read_records, to_row
 from model.errors import GalenInputError
 from model.tasks import NLI_ANSWERS
 
@@ -80,6 +80,7 @@ def _process_file(args: tuple[str, str, dict, int]) -> list[Path]:
 
     for rec in read_records(src):
         if rec.image is not None:
+            rec.meta["original_image_sha1"] = image_sha1(rec.image)  # key of the image-code table
             rec.image = resize_image(rec.image, cfg.size_for(rec.task), cfg.image_format, cfg.jpeg_quality)
         key = (rec.task, rec.split)
         groups[key].append(to_row(rec))

@@ -204,22 +204,32 @@ def _assign(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii): each new centre drawn with probability ~ D(x)^2."""
+    """k-means++ seeding (Arthur & Vassilvitskii): each new centre drawn with probability ~ D(x)^2.
+
+    Distances use a float64 mat-vec (no n x d temporaries per step; duplicates of a chosen
+    centre get distance ~0, so they are practically never drawn again).
+    """
     n = x.shape[0]
+    x64 = x.double()
+    sq = (x64 * x64).sum(1)
+
+    def dist(i: int) -> torch.Tensor:
+        return (sq - 2.0 * (x64 @ x64[i]) + sq[i]).clamp_min(0.0)
+
     first = int(torch.randint(n, (1,), generator=gen))
     centres = [first]
-    d2 = ((x - x[first]) ** 2).sum(1)
+    d2 = dist(first)
     for _ in range(1, k):
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
-        cum = torch.cumsum(d2.double(), 0)
+        cum = torch.cumsum(d2, 0)
         total = float(cum[-1])
         if total <= 0.0:  # every sample coincides with a centre: fewer distinct samples than k
             idx = int(torch.randint(n, (1,), generator=gen))
         else:
-            idx = min(int(torch.searchsorted(cum, torch.tensor([u * total], dtype=torch.float64,
-                                                                  device=cum.device), right=True)), n - 1)
+            target = torch.tensor([u * total], dtype=torch.float64, device=cum.device)
+            idx = min(int(torch.searchsorted(cum, target, right=True)), n - 1)
         centres.append(idx)
-        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+        d2 = torch.minimum(d2, dist(idx))
     return x[torch.tensor(centres, device=x.device)].clone()
 
 
@@ -236,7 +246,8 @@ def kmeans(
 ) -> KMeansResult:
     """Mini-batch k-means (Sculley 2010) with per-centre 1/count learning rates, then full Lloyd steps.
 
-    Deterministic for a given seed and device: every random draw comes from one CPU generator.
+    Every random draw comes from one seeded CPU generator, so runs on CPU are bit-identical; on
+    CUDA the float64 scatter-adds may differ in the last bits between runs.
     Centres that win no sample in an epoch are re-seeded on random samples so codes do not die.
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
@@ -253,7 +264,7 @@ def kmeans(
         raise GalenConfigError("epochs and lloyd_steps must be >= 0 and batch_size >= 1")
     x = x.float()
     gen = torch.Generator().manual_seed(int(seed))
-    m = min(n, init_sample_size or max(20_000, 16 * k))
+    m = min(n, init_sample_size or max(20_000, 4 * k))  # seeding on a sample, as sklearn does
     cand = x if m == n else x[torch.randperm(n, generator=gen)[:m].to(x.device)]
     if init == "kmeans++":
         c = _kmeans_pp(cand, k, gen)
