@@ -277,10 +277,12 @@ def cmd_image_codes_encode(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from flows.demo_data import write_vqa_rad
+    from flows.demo_data import write_demo
 
-    counts = write_vqa_rad(Path(args.out) / "vqa_rad", args.num_images, args.image_size, seed=args.seed)
-    print(f"wrote VQA-RAD-style demo data to {args.out}/vqa_rad: {counts}")
+    counts = write_demo(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size)
+    for name, c in counts.items():
+        print(f"  {name:12s} {c}")
+    print(f"wrote the demo datasets to {args.out}")
 
 
 # -- learning check / inference --------------------------------------------------------------------
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="write the procedural demo datasets in real raw layouts")
     demo.add_argument("--out", required=True)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--num-images", type=int, default=48)
+    demo.add_argument("--scale", type=float, default=1.0, help="multiplies every generated count")
     demo.add_argument("--image-size", type=int, default=128)
     demo.set_defaults(func=cmd_demo_data)
 

@@ -147,7 +147,8 @@ def _ellipse(yn: np.ndarray, xn: np.ndarray, cx: float, cy: float, a: float, b: 
 
 
 def _place_discs(rng: np.random.Generator, count: int, radius: int,
-                 centre: Callable[[], tuple[int, int] | None], gap: int, tries: int = 100) -> list[tuple[int, int, int]]:
+                 centre: Callable[[], tuple[int, int] | None], gap: int,
+                 tries: int = 100) -> list[tuple[int, int, int]]:
     """Up to `count` non-touching discs (cx, cy, r); a disc that finds no room is left out, never overlapped,
     because merged blobs would make a count in the text disagree with the image."""
     placed: list[tuple[int, int, int]] = []
@@ -184,14 +185,16 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         writer.writerows(rows)
 
 
-def _write_zip(path: Path, members: Sequence[tuple[str, bytes]]) -> None:
+def _zip_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
     """A deflated zip whose entries carry a fixed time and mode (np.savez and openpyxl stamp the clock)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in members:
             info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             zf.writestr(info, data)
+    return buf.getvalue()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -543,8 +546,10 @@ def tissue_patch(rng: np.random.Generator, label: int, size: int = 28) -> np.nda
         img += (22 * np.sin(0.9 * along + phase))[..., None] * np.array([1.0, 0.6, 0.6])
         img[_dots(rng, yy, xx, 4, 0.8, 1.2)] = (120, 50, 130)
     elif name == "normal colon mucosa":
-        for cx, cy, r in _place_discs(rng, 3, 3, lambda: (int(rng.integers(5, size - 5)), int(rng.integers(5, size - 5))),
-                                      gap=5):
+        def anywhere() -> tuple[int, int]:
+            return int(rng.integers(5, size - 5)), int(rng.integers(5, size - 5))
+
+        for cx, cy, r in _place_discs(rng, 3, 3, anywhere, gap=5):
             img[_disc(yy, xx, cx, cy, r + 2)] = (95, 45, 140)
             img[_disc(yy, xx, cx, cy, r)] = (244, 236, 244)
     elif name == "cancer-associated stroma":
@@ -569,11 +574,13 @@ def write_pathmnist(out_dir: str | Path, per_class: dict[str, int] | None = None
     members, counts = [], {}
     for split in ("train", "val", "test"):
         labels = np.repeat(np.arange(num_classes), per_class[split])[rng.permutation(num_classes * per_class[split])]
-        images = np.stack([tissue_patch(rng, int(y)) for y in labels]) if len(labels) else np.zeros((0, 28, 28, 3), np.uint8)
+        images = np.zeros((len(labels), 28, 28, 3), np.uint8)
+        for k, y in enumerate(labels):
+            images[k] = tissue_patch(rng, int(y))
         members += [(f"{split}_images.npy", _npy_bytes(images)),
                     (f"{split}_labels.npy", _npy_bytes(labels.astype(np.uint8)[:, None]))]
         counts[split] = len(labels)
-    _write_zip(out / "pathmnist.npz", members)
+    (out / "pathmnist.npz").write_bytes(_zip_bytes(members))
     return counts
 
 
@@ -641,10 +648,15 @@ def write_mednli(out_dir: str | Path, premises: dict[str, int] | None = None, se
     premises = premises or {"train": 150, "dev": 30, "test": 30}
     rng = _rng(seed, "mednli")
     counts = {}
+    seen: set[str] = set()  # every premise once across all splits: no duplicates, no train/test overlap
     for split, n in premises.items():
         rows = []
         for _ in range(n):
-            premise, hypotheses = nli_triple(rng)
+            for _attempt in range(1000):
+                premise, hypotheses = nli_triple(rng)
+                if premise not in seen:
+                    break
+            seen.add(premise)
             for label, hypothesis in hypotheses.items():
                 pair_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
                 rows.append({"sentence1": premise, "sentence2": hypothesis, "gold_label": label, "pairID": pair_id})
@@ -686,8 +698,8 @@ def meqsum_pair(rng: np.random.Generator) -> tuple[str, str]:
     has = "have" if subj == "i" else "has"
     parts = [pick(("hi,", "hello.", "dear doctor,", "")),
              f"{person} was diagnosed with {condition} {pick(('last year', 'two months ago', 'recently', 'in 2015'))}.",
-             pick((f"{subj} {has} been feeling tired and we are worried.", "i have read a lot online and i am confused.",
-                   "our family doctor did not explain much.", "")),
+             pick((f"{subj} {has} been feeling tired and we are worried.",
+                   "i have read a lot online and i am confused.", "our family doctor did not explain much.", "")),
              question.format(s=subj, o=obj, d=drug),
              pick(("thank you.", "thanks in advance!", "any advice is appreciated.", ""))]
     return " ".join(p for p in parts if p), summary.format(c=condition, d=drug)
@@ -703,13 +715,7 @@ def _normalise_xlsx(data: bytes) -> bytes:
             content = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*(<)", rb"\g<1>2000-01-01T00:00:00Z\g<2>",
                              content)
         members.append((info.filename, content))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, content in members:
-            zi = zipfile.ZipInfo(name, date_time=ZIP_TIME)
-            zi.compress_type, zi.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
-            zf.writestr(zi, content)
-    return buf.getvalue()
+    return _zip_bytes(members)
 
 
 MEQSUM_RELEASE_NAME = "MeQSum_ACL2019_BenAbacha_Demner-Fushman.xlsx"

@@ -58,6 +58,11 @@ class DataQualityError(GalenInputError):
     """Too many bad rows: the stage stops, after writing the report and the quarantine."""
 
 
+def reason_kind(reason: str) -> str:
+    """The category of a reason for the report ("duplicate of q7" -> "duplicate")."""
+    return reason.split(":")[0].split(" of ")[0].strip()
+
+
 def check_image(data: bytes, cfg: ValidationConfig) -> tuple[str | None, tuple[int, int] | None]:
     """(reason or None, (width, height)) after fully decoding the image."""
     try:
@@ -171,7 +176,7 @@ def validate(sources: Iterable[str | Path], out_dir: str | Path, cfg: Validation
                 row = to_row(rec)
                 row["reason"] = reason
                 quarantined.append(row)
-                report[f"{rec.task}/{rec.split}/{reason.split(':')[0]}"] += 1
+                report[f"{rec.task}/{rec.split}/{reason_kind(reason)}"] += 1
     schema = ARROW_SCHEMA.append(pa.field("reason", pa.string()))
     pq.write_table(pa.Table.from_pylist(quarantined, schema=schema), out / "quarantine.parquet.tmp")
     (out / "quarantine.parquet.tmp").replace(out / "quarantine.parquet")

@@ -234,7 +234,8 @@ def test_mednli_labels_follow_from_the_premise(demo):
         rate = re.search(r"(?:heart rate was|pulse was) (\d+)", premise)
         if rate and hypothesis in ("the patient is tachycardic.", "the patient is bradycardic."):
             fast = int(rate.group(1)) > 100
-            assert gold == ("entailment" if fast == (hypothesis == "the patient is tachycardic.") else "contradiction"), r
+            claims_fast = hypothesis == "the patient is tachycardic."
+            assert gold == ("entailment" if fast == claims_fast else "contradiction"), r
             checked += 1
     assert checked >= 10
     # a hypothesis alone does not give the label away: the same sentence is entailed and contradicted
@@ -243,9 +244,10 @@ def test_mednli_labels_follow_from_the_premise(demo):
 
 
 # -- MeQSum ------------------------------------------------------------------------------------------
-MEQSUM_CUES = {"what foods should": "what foods should be avoided with ", "treatment options": "what are the treatments for ",
-               "runs in families": "is ", "side effects": "what are the side effects of ", "caused this": "what causes ",
-               "any cure": "is there a cure for ", "to exercise": "is exercise safe with "}
+MEQSUM_CUES = {  # a phrase of the consumer's question -> how its summary starts
+    "what foods should": "what foods should be avoided with ", "treatment options": "what are the treatments for ",
+    "runs in families": "is ", "side effects": "what are the side effects of ", "caused this": "what causes ",
+    "any cure": "is there a cure for ", "to exercise": "is exercise safe with "}
 
 
 def test_meqsum_summaries_are_determined_by_the_question(demo):
