@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from flows.ingest.schema import ARROW_SCHEMA, Record, image_sha1, read_records, to_row
+from flows.ingest.schema import ARROW_SCHEMA, Record, from_row, image_sha1, read_records, to_row
 from model.errors import GalenInputError
 from model.tasks import NLI_ANSWERS
 
@@ -62,9 +62,9 @@ def resize_image(data: bytes, size: int, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _process_file(args: tuple[str, str, dict, int]) -> list[Path]:
-    """One validated shard -> rows written to per task/split part files of this worker."""
-    src, out_dir, cfg_dict, file_index = args
+def _process_file(args: tuple[str, int, str, dict, int]) -> list[Path]:
+    """One row group of a validated shard -> rows written to per task/split part files of this job."""
+    src, row_group, out_dir, cfg_dict, file_index = args
     cfg = ShardConfig(**cfg_dict)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     written: list[Path] = []
@@ -78,7 +78,8 @@ def _process_file(args: tuple[str, str, dict, int]) -> list[Path]:
         written.append(path)
         groups[key] = []
 
-    for rec in read_records(src):
+    for row in pq.ParquetFile(src).read_row_group(row_group).to_pylist():
+        rec = from_row(row)
         if rec.image is not None:
             rec.meta["original_image_sha1"] = image_sha1(rec.image)  # key of the image-code table
             rec.image = resize_image(rec.image, cfg.size_for(rec.task), cfg.image_format, cfg.jpeg_quality)
@@ -115,7 +116,8 @@ def build_shards(validated_dir: str | Path, out_dir: str | Path, cfg: ShardConfi
         for old in out.rglob("*.parquet"):
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(f), str(out), cfg.__dict__, i) for i, f in enumerate(files)]
+    groups = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
+    jobs = [(str(f), g, str(out), cfg.__dict__, i) for i, (f, g) in enumerate(groups)]
     if cfg.workers > 1:
         with ProcessPoolExecutor(cfg.workers) as pool:
             written = [p for ps in pool.map(_process_file, jobs) for p in ps]

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from model.errors import GalenInputError
 
 SPLITS = ("train", "val", "test")
+ROW_GROUP_ROWS = 256  # Parquet row groups: the unit of parallel work for later stages
 TASKS = ("vqa", "caption", "classification", "nli", "summarization", "grounding", "detection", "text_infilling")
 
 
@@ -108,7 +109,8 @@ class ShardWriter:
             return
         path = self.out / f"{self.prefix}-{len(self.shards):05d}.parquet"
         tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_pylist(self.buffer, schema=ARROW_SCHEMA), tmp, compression="zstd")
+        pq.write_table(pa.Table.from_pylist(self.buffer, schema=ARROW_SCHEMA), tmp, compression="zstd",
+                       row_group_size=ROW_GROUP_ROWS)
         tmp.replace(path)  # a crash never leaves a half-written shard under the final name
         self.shards.append(path)
         self.buffer = []
