@@ -230,6 +230,21 @@ def cmd_ingest(args: argparse.Namespace) -> None:
              if result["with_problems"] else ""))
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from flows.ingest.download import PUBLIC_DATASETS, fetch
+
+    if args.list or not args.name:
+        for d in PUBLIC_DATASETS.values():
+            how = "credentialed: pass a local path" if d.credentialed else \
+                ("download" if d.files or d.name == "medmnist" else "manual (see note)")
+            print(f"{d.name:10s} format {d.format:12s} {how:32s} {d.homepage}")
+        return
+    folder = fetch(args.name, Path(args.out), flags=args.flags, size=args.size, timeout=args.timeout)
+    entry = PUBLIC_DATASETS[args.name]
+    print(f"downloaded {args.name} into {folder}; ingest it with: galen ingest --format {entry.format} "
+          f"--source {folder} --out data/ingested/{args.name}")
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     from flows.params import load_params, section
     from flows.validate import ValidationConfig, validate
@@ -396,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--out", help="output folder of Parquet shards")
     ing.add_argument("--params", default="params.yaml")
     ing.set_defaults(func=cmd_ingest)
+
+    dl = sub.add_parser("download", help="download a public dataset, checksums verified (needs internet)")
+    dl.add_argument("name", nargs="?", help="dataset name (see --list)")
+    dl.add_argument("--list", action="store_true", help="list the datasets and how each is obtained")
+    dl.add_argument("--out", default="data/raw", help="folder to download into")
+    dl.add_argument("--flags", nargs="+", help="MedMNIST subsets, e.g. pathmnist organcmnist")
+    dl.add_argument("--size", type=int, help="MedMNIST image size (28, 64, 128, 224)")
+    dl.add_argument("--timeout", type=float, default=60)
+    dl.set_defaults(func=cmd_download)
 
     val = sub.add_parser("validate", help="check every ingested row; quarantine bad ones with a reason")
     val.add_argument("--inputs", nargs="+", required=True, help="ingested shard folders (globs allowed)")

@@ -89,3 +89,17 @@ def test_empty_question_is_refused(tmp_path, demo_vqa):
     galen("model", "init", "--size", "nano", "--tokenizer", str(tok), "--out", str(tmp_path / "m"))
     out = galen("generate", "--model", str(tmp_path / "m"), "--question", "  ? ", check=False)
     assert out.returncode == 2 and "question is empty" in out.stderr
+
+
+def test_download_lists_datasets_and_refuses_credentialed_ones():
+    listing = galen("download", "--list").stdout
+    assert "vqa-rad" in listing and "credentialed: pass a local path" in listing
+    out = galen("download", "mimic-cxr", "--out", "unused", check=False)
+    assert out.returncode == 2 and "credentialed" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ingest_lists_every_format():
+    listing = galen("ingest", "--list-formats").stdout
+    for fmt in ("vqa-rad", "slake", "pathvqa", "r2gen", "roco", "peir-gross", "medicat", "medmnist", "mednli",
+                "meqsum", "caption-csv", "webdataset", "ofa-tsv", "dicom"):
+        assert f"\n{fmt} " in "\n" + listing

@@ -73,6 +73,14 @@ def test_data_stages_reproduce_and_rerun_only_what_changed(repo):
     assert ran_stages(changed.stdout) == ["shards"]
     assert json.loads((repo / "data" / "shards" / "manifest.json").read_text())["image_size"]["vqa"] == 96
 
+    # the default remote is local: push, lose the cache and the data, pull them back
+    run(["dvc", "push"], repo)
+    manifest = (repo / "data" / "shards" / "manifest.json").read_bytes()
+    shutil.rmtree(repo / "data" / "shards")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    run(["dvc", "pull", "--with-deps", "shards", "tokenizer"], repo)
+    assert (repo / "data" / "shards" / "manifest.json").read_bytes() == manifest
+
 
 def test_bad_data_fails_the_stage_with_the_reason(repo):
     """A user's dataset with a truncated image: the row is quarantined, and past the threshold the
