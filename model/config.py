@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import GalenConfigError
+from model.errors import GalenConfigError, read_json
 
 # Reference vocabulary: 4 specials + 50,260 GPT-2 BPE pieces + <mask> + 8192 codes + 1000 bins.
 REFERENCE_VOCAB_SIZE = 59457
@@ -127,11 +127,7 @@ class GalenConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "GalenConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise GalenConfigError(f"{path} is not valid JSON ({e}); restore it from the model's source") from e
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, dict, "restore it from where the model was saved", GalenConfigError))
 
 
 def _size(name: str, layers: tuple[int, int], d: int, ffn: int, heads: int, resnet: str, **kw: Any) -> dict[str, Any]:

@@ -23,3 +23,21 @@ class GalenCheckpointError(GalenError, ValueError):
 
 class GalenTokenizerError(GalenError, ValueError):
     """A tokenizer that cannot be trained, loaded or used as asked."""
+
+
+def read_json(path, expect: type, hint: str, error: type[GalenError] = GalenInputError):
+    """Parse a JSON file whose top level must be `expect` (dict or list), or raise `error` saying
+    what is wrong with it followed by `hint` (what to do about it). Used for every JSON file a user
+    hands to Galen, so a broken download reads the same everywhere."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); {hint}") from e
+    if not isinstance(data, expect):
+        raise error(f"{path} must hold a JSON {'object' if expect is dict else 'list'}, found a JSON "
+                    f"{type(data).__name__}; {hint}")
+    return data

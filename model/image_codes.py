@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.errors import GalenConfigError, GalenInputError
+from model.errors import GalenConfigError, GalenInputError, read_json
 
 if TYPE_CHECKING:
     from model.tokenizer import GalenTokenizer
@@ -851,12 +851,7 @@ def load_image_codes(directory: str | Path) -> ImageCodeTokenizer:
     meta_path = directory / IMAGE_CODES_JSON
     if not meta_path.is_file():
         raise GalenConfigError(f"{meta_path} is missing: {_TRAIN_HINT}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GalenConfigError(f"{meta_path} is not valid JSON ({exc}): {_TRAIN_HINT}") from exc
-    if not isinstance(meta, dict):
-        raise GalenConfigError(f"{meta_path} must hold a JSON object")
+    meta = read_json(meta_path, dict, _TRAIN_HINT, GalenConfigError)
     if meta.get("format_version") != FORMAT_VERSION:
         raise GalenConfigError(f"{meta_path} has format_version {meta.get('format_version')!r}; this Galen reads "
                                f"{FORMAT_VERSION}: upgrade Galen or re-save the image tokenizer")

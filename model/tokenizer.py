@@ -37,7 +37,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from model.errors import GalenTokenizerError
+from model.errors import GalenTokenizerError, read_json
 
 BOS_ID = 0
 PAD_ID = 1
@@ -1149,14 +1149,7 @@ class GalenTokenizer:
         meta_path = directory / TOKENIZER_JSON
         if not meta_path.is_file():
             raise GalenTokenizerError(f"{meta_path} is missing: {_MISSING_HINT}")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GalenTokenizerError(
-                f"{meta_path} is not valid JSON ({exc}): {_MISSING_HINT}"
-            ) from exc
-        if not isinstance(meta, dict):
-            raise GalenTokenizerError(f"{meta_path} must hold a JSON object: {_MISSING_HINT}")
+        meta = read_json(meta_path, dict, _MISSING_HINT, GalenTokenizerError)
         if meta.get("format_version") != FORMAT_VERSION:
             raise GalenTokenizerError(
                 f"{meta_path} has format_version {meta.get('format_version')!r}; this Galen "

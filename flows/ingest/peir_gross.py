@@ -8,14 +8,13 @@ official split, so each image goes to `split_by_hash(image name)`: stable across
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from flows.ingest import register_format
 from flows.ingest.captions import caption_record, check_options, iter_csv, iter_lines, read_inside, single_file
 from flows.ingest.schema import Record, split_by_hash
-from model.errors import GalenInputError
+from model.errors import GalenInputError, read_json
 
 LICENSE = "PEIR Digital Library, educational use"
 MAPPING_SUFFIXES = (".json", ".tsv", ".csv", ".txt")
@@ -30,13 +29,7 @@ def _is_header(cells: list[str]) -> bool:
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GalenInputError(f"{path} is not valid JSON ({e}); PEIR Gross JSON is {{'image_name': 'caption'}}") from e
-    if not isinstance(data, dict):
-        raise GalenInputError(f"{path} holds a JSON {type(data).__name__}; PEIR Gross JSON is an object "
-                              "{'image_name': 'caption', ...}")
+    data = read_json(path, dict, "PEIR Gross JSON is an object {'image_name': 'caption', ...}")
     for name, caption in data.items():
         yield name, caption, None, path.name
 

@@ -14,7 +14,6 @@ wrong would label credentialed MIMIC data with IU X-ray's licence.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +21,7 @@ from typing import Any, Iterator
 from flows.ingest import register_format
 from flows.ingest.captions import caption_record, check_options, read_inside
 from flows.ingest.schema import Record
-from model.errors import GalenInputError
+from model.errors import GalenInputError, read_json
 
 LICENSES = {
     "iu-xray": "CC BY-NC-ND 4.0 (Indiana University Chest X-ray Collection, Open-i)",
@@ -35,11 +34,8 @@ IU_ID = re.compile(r"^CXR\d+", re.IGNORECASE)
 
 def _load(path: Path) -> dict[str, list]:
     """The annotation file, checked for the R2Gen shape (split name -> list of studies)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GalenInputError(f"{path} is not valid JSON ({e}); re-download R2Gen's annotation.json") from e
-    if not isinstance(data, dict) or not data:
+    data = read_json(path, dict, "R2Gen's annotation.json is {'train': [...], 'val': [...], 'test': [...]}")
+    if not data:
         raise GalenInputError(f"{path} must be a JSON object {{'train': [...], 'val': [...], 'test': [...]}} "
                               "(R2Gen layout)")
     unknown = [k for k in data if k not in SPLIT_KEYS]

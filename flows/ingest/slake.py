@@ -8,13 +8,12 @@ should not silently see Chinese ones, so only English is kept unless `language` 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from flows.ingest import register_format
 from flows.ingest.schema import Record
-from model.errors import GalenInputError
+from model.errors import GalenInputError, read_json
 
 DATASET = "slake"
 LICENSE = "CC BY 4.0 (SLAKE, Liu et al. 2021)"
@@ -28,14 +27,7 @@ META_KEYS = ("img_id", "img_name", "q_lang", "modality", "location", "content_ty
 
 def _load_json_list(path: Path) -> list[Any]:
     """The split file's records; a file that is not a JSON list is a broken download, not a bad record."""
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GalenInputError(f"{path} is not valid JSON ({e}); re-download SLAKE or fix the file") from e
-    if not isinstance(rows, list):
-        raise GalenInputError(f"{path} must hold a JSON list of question records (SLAKE layout), "
-                              f"found a JSON {type(rows).__name__}")
-    return rows
+    return read_json(path, list, "SLAKE split files are JSON lists of question records: re-download SLAKE")
 
 
 def safe_image_path(image_dir: Path, name: str) -> Path | None:

@@ -7,14 +7,13 @@ folder `VQA_RAD Image Folder`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from flows.ingest import register_format
 from flows.ingest.schema import Record
-from model.errors import GalenInputError
+from model.errors import GalenInputError, read_json
 
 REQUIRED_KEYS = ("image_name", "question", "answer")
 SPLIT_FILES = {"train": ("trainset.json",), "val": ("valset.json", "validationset.json"), "test": ("testset.json",)}
@@ -32,13 +31,7 @@ class VQARecord:
 
 
 def _load_json_list(path: Path) -> list[dict]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GalenInputError(f"{path} is not valid JSON ({e}); re-download it or fix the file") from e
-    if not isinstance(rows, list):
-        raise GalenInputError(f"{path} must hold a JSON list of question records (VQA-RAD layout)")
-    return rows
+    return read_json(path, list, "VQA-RAD split files are JSON lists of question records: re-download it")
 
 
 def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> list[VQARecord]:

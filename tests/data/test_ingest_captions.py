@@ -370,6 +370,7 @@ def test_medicat_figures_of_a_paper_share_a_split(medicat: Path) -> None:
     assert f1.image == (medicat / "figures" / f"{pdf}_Figure1.png").read_bytes()
     assert f1.meta["inline_references"] == [{"text": "as shown in Fig. 1"}] and f1.meta["pdf_hash"] == pdf
     assert "research use" in f1.license
+    assert f2.split == f1.split and f2.problem is None  # two figures of one paper, one split
     good = [r for r in recs if r.problem is None]
     for r in good:
         assert r.split == split_by_hash(r.meta["pdf_hash"])

@@ -26,7 +26,6 @@ from model.errors import GalenInputError
 from model.tasks import NLI_ANSWERS
 
 import medmnist  # noqa: E402  (a required dependency: never skipped)
-import pydicom  # noqa: E402
 
 
 def read(fmt: str, source: Path, **options) -> list[Record]:
