@@ -1,0 +1,1 @@
+"""Training flow: turning validated records into model-ready examples and batches (Ray Train comes next)."""
