@@ -291,6 +291,16 @@ def cmd_image_codes_encode(args: argparse.Namespace) -> None:
     print(f"wrote image codes to {args.out}: {summary}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from flows.params import load_params
+    from flows.train.trainer import load_train_config, train
+
+    cfg = load_train_config(load_params(args.params), args.stage, steps=args.steps, num_workers=args.workers,
+                            zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init)
+    result = train(cfg)
+    print(f"trained ({cfg.stage}, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers): {result}; model in {cfg.out}")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from flows.demo_data import write_demo
 
@@ -447,6 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     ice.add_argument("--codes", required=True, help="image tokenizer folder (trained or precomputed)")
     ice.add_argument("--out", required=True, help="Parquet file to write")
     ice.set_defaults(func=cmd_image_codes_encode)
+
+    tr = sub.add_parser("train", help="pretrain or fine-tune on Ray Train + DeepSpeed (settings: params.yaml train)")
+    tr.add_argument("--stage", required=True, choices=["pretrain", "finetune"])
+    tr.add_argument("--params", default="params.yaml")
+    tr.add_argument("--steps", type=int, help="override train.steps")
+    tr.add_argument("--workers", type=int, help="override train.num_workers")
+    tr.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="override train.zero_stage")
+    tr.add_argument("--run-name", help="Ray Train run name; re-running the same name resumes it")
+    tr.add_argument("--init", help="start from this model folder (pretrained or imported)")
+    tr.add_argument("--out", help="where to save the trained model folder")
+    tr.set_defaults(func=cmd_train)
 
     lc = sub.add_parser("learn-check", help="train a small model on a few VQA triples until it answers them all")
     lc.add_argument("--vqa-json", required=True, help="VQA-RAD-layout JSON (e.g. trainset.json)")
