@@ -151,3 +151,14 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"\nwrote {path}")
+
+
+def add_run_args(p: Any, repeats: int = 3) -> None:
+    """The options every benchmark shares: repeats, warmup, torch threads, seed, JSON output."""
+    p.add_argument("--repeats", type=int, default=repeats, help="timed runs per contestant (interleaved)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per contestant first")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at "
+                        "every op barrier; 0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import (command_line, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
+from benchmarks._common import (add_run_args, command_line, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
                                 markdown_table, paired_ratio, quantiles, set_threads, write_json)
 from model.config import get_config  # noqa: E402
 from model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate, score_candidates  # noqa: E402
@@ -255,13 +255,7 @@ def main(argv=None) -> dict:
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at "
-                        "every op barrier; 0 = torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    add_run_args(p, repeats=3)
     args = p.parse_args(argv)
     set_threads(args.threads)
     facts = machine_facts()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import (command_line, fmt_s, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
+from benchmarks._common import (add_run_args, command_line, fmt_s, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
                                 markdown_table, paired_ratio, quantiles, set_threads, write_json)
 from model.config import get_config  # noqa: E402
 from model.decoding import GenerationConfig, generate  # noqa: E402
@@ -100,16 +100,10 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--tokens", type=int, default=32, help="generated tokens (min_length = max_length)")
     p.add_argument("--beams", nargs="+", type=int, default=[1, 5])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads stall at "
-                        "every op barrier; 0 = torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_args(p, repeats=3)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of one cached and one uncached run per beam (wall clock, by "
                         "wrapping decoding/model functions in this process; torch.profiler distorts this workload)")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     set_threads(args.threads)
     facts = machine_facts()
