@@ -10,6 +10,16 @@ import torch
 REFERENCE_CHECK = Path(__file__).parent / "fixtures" / "reference_check"
 
 
+def load_reference_case() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(vocab_subset, tensors) of the reference forward-pass case (converted once from the shared
+    `case_single_image.pt` to npz so the repository holds no pickle files)."""
+    import numpy as np
+
+    arrays = np.load(REFERENCE_CHECK / "case_single_image.npz", allow_pickle=False)
+    tensors = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    return tensors.pop("vocab_subset"), tensors
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from model.config import REFERENCE_PARAMS, SIZES, get_config
 from model.errors import GalenCheckpointError
 from model.generalist import GalenModel
 from model.interop import export_hf_ofa, galen_to_hf_key, import_reference, infer_config, read_torch_file
-from tests.conftest import REFERENCE_CHECK
+from tests.conftest import REFERENCE_CHECK, load_reference_case
 
 
 def make_weights(out, layout, *extra):
@@ -36,8 +36,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def case():
-    data = torch.load(REFERENCE_CHECK / "case_single_image.pt", weights_only=True)
-    return data["vocab_subset"], data["cases"]["i_image_single"]
+    return load_reference_case()
 
 
 def assert_reproduces_reference(model, case):
