@@ -313,22 +313,23 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 # -- learning check / inference --------------------------------------------------------------------
 def cmd_learn_check(args: argparse.Namespace) -> None:
     import torch
-    from PIL import Image
 
-    from flows.ingest.vqa_rad import read_vqa_rad
+    from flows.ingest.schema import read_records
     from flows.learn_check import learn_check, write_metrics
     from model.config import get_config
+    from model.errors import GalenInputError
     from model.generalist import GalenModel
     from model.tokenizer import GalenTokenizer
 
-    records = read_vqa_rad(args.vqa_json, args.images)[: args.limit]
+    records = [r for r in read_records(args.data) if r.task == args.task and r.split == "train" and not r.problem]
+    records = records[: args.limit]
+    if not records:
+        raise GalenInputError(f"no {args.task} training records in {args.data}")
     tok = GalenTokenizer.load(args.tokenizer)
     torch.manual_seed(args.seed)
     model = GalenModel(get_config(args.size, vocab_size=len(tok), dropout=0.0, encoder_drop_path_rate=0.0,
                                   decoder_drop_path_rate=0.0))
-    images = [Image.open(r.image_path) for r in records]
-    result = learn_check(model, tok, images, [r.question for r in records], [r.answer for r in records],
-                         max_steps=args.max_steps, lr=args.lr, seed=args.seed)
+    result = learn_check(model, tok, records, max_steps=args.max_steps, lr=args.lr, seed=args.seed)
     if args.metrics:
         write_metrics(result, args.metrics)
     if args.out:
@@ -469,9 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="where to save the trained model folder")
     tr.set_defaults(func=cmd_train)
 
-    lc = sub.add_parser("learn-check", help="train a small model on a few VQA triples until it answers them all")
-    lc.add_argument("--vqa-json", required=True, help="VQA-RAD-layout JSON (e.g. trainset.json)")
-    lc.add_argument("--images", required=True, help="folder of the images the JSON names")
+    lc = sub.add_parser("learn-check", help="train a small model on a few records until it answers them all")
+    lc.add_argument("--data", required=True, help="folder of Galen Parquet shards (ingested or validated)")
+    lc.add_argument("--task", default="vqa", help="task of the records to learn (short answers: vqa, nli, ...)")
     lc.add_argument("--tokenizer", required=True)
     lc.add_argument("--size", default="nano", choices=list(SIZES))
     lc.add_argument("--limit", type=int, default=16, help="number of records to learn")

@@ -2,8 +2,9 @@
 every one of them.
 
 The quickest end-to-end proof that images, tokenizer, model, loss, optimizer and decoding work
-together — on the demo data, or on the first few records of a user's own dataset before a
-long run. Single process on purpose; distributed training is `galen train`.
+together — on the demo data, or on the first few records of a user's own ingested dataset before
+a long run. Examples are built exactly as training builds them (`flows.train.examples`). Single
+process on purpose; distributed training is `galen train`.
 """
 
 from __future__ import annotations
@@ -15,24 +16,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from flows.ingest.schema import Record
+from flows.train.examples import Batch, collate, make_example
 from model.decoding import GenerationConfig, generate
 from model.errors import GalenInputError
 from model.generalist import GalenModel
 from model.losses import label_smoothed_cross_entropy
-from model.tasks import vqa_prompt
 from model.tokenizer import GalenTokenizer
-from model.vision import preprocess_images
-
-
-@dataclass
-class VQABatch:
-    input_ids: torch.Tensor
-    images: torch.Tensor
-    decoder_input_ids: torch.Tensor
-    target: torch.Tensor
 
 
 @dataclass
@@ -44,54 +36,43 @@ class LearnCheckResult:
     history: list[dict] = field(default_factory=list)
 
 
-def encode_vqa(tokenizer: GalenTokenizer, images: Sequence[Image.Image], questions: Sequence[str],
-               answers: Sequence[str], image_size: int) -> VQABatch:
-    """Prompts, images and teacher-forcing targets of a VQA batch."""
-    prompts = [tokenizer.encode_prompt(vqa_prompt(q)) for q in questions]
-    targets = [tokenizer.encode_target(a) for a in answers]
-    input_ids, _ = tokenizer.pad_batch(prompts)
-    target, _ = tokenizer.pad_batch(targets)
-    prev = [[tokenizer.bos_id] + t[:-1] for t in targets]
-    decoder_input_ids, _ = tokenizer.pad_batch(prev)
-    return VQABatch(input_ids, preprocess_images(images, image_size), decoder_input_ids, target)
-
-
 @torch.no_grad()
-def answer_accuracy(model: GalenModel, tokenizer: GalenTokenizer, batch: VQABatch, answers: Sequence[str],
+def answer_accuracy(model: GalenModel, tokenizer: GalenTokenizer, batch: Batch, answers: Sequence[str],
                     max_length: int = 8) -> tuple[float, list[str]]:
-    """Exact-match accuracy of free (unconstrained) greedy answers."""
-    hyps = generate(model, batch.input_ids, batch.images, config=GenerationConfig(beam_size=1, max_length=max_length))
-    preds = [tokenizer.decode(h.tokens).strip() for h in hyps]
-    return sum(p == a for p, a in zip(preds, answers)) / len(answers), preds
+    """Exact-match accuracy (case-insensitive) of free (unconstrained) greedy answers."""
+    hyps = generate(model, batch.input_ids, batch.images, batch.patch_masks,
+                    config=GenerationConfig(beam_size=1, max_length=max_length))
+    preds = [tokenizer.decode(h.tokens).strip().lower() for h in hyps]
+    return sum(p == a.strip().lower() for p, a in zip(preds, answers)) / len(answers), preds
 
 
-def learn_check(model: GalenModel, tokenizer: GalenTokenizer, images: Sequence[Image.Image],
-                questions: Sequence[str], answers: Sequence[str], max_steps: int = 400, lr: float = 1e-3,
-                eval_every: int = 25, seed: int = 0, progress: bool = True) -> LearnCheckResult:
+def learn_check(model: GalenModel, tokenizer: GalenTokenizer, records: Sequence[Record], max_steps: int = 400,
+                lr: float = 1e-3, eval_every: int = 25, seed: int = 0, progress: bool = True) -> LearnCheckResult:
     """Train on the whole (small) set each step until greedy answers are all right or max_steps pass."""
-    if not (len(images) == len(questions) == len(answers)) or not questions:
-        raise GalenInputError(f"need as many images as questions and answers (got {len(images)}, "
-                              f"{len(questions)}, {len(answers)}), and at least one")
+    if not records:
+        raise GalenInputError("no records to learn; give at least one (e.g. --limit 16 on ingested VQA data)")
     if len(tokenizer) != model.cfg.vocab_size:
         raise GalenInputError(f"tokenizer has {len(tokenizer)} entries, the model's vocabulary {model.cfg.vocab_size}; "
                               "build the model with vocab_size=len(tokenizer)")
     torch.manual_seed(seed)
-    batch = encode_vqa(tokenizer, images, questions, answers, model.cfg.image_size)
+    batch = collate([make_example(r, tokenizer, model.cfg.image_size) for r in records], tokenizer)
+    answers = [r.target for r in records]
+    max_answer = max(len(tokenizer.encode_target(a)) for a in answers)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     history, accuracy, loss_value, step = [], 0.0, float("nan"), 0
     start = time.perf_counter()
     bar = tqdm(range(1, max_steps + 1), desc="learn-check", disable=not progress)
     for step in bar:
         model.train()
-        out = model(batch.input_ids, batch.decoder_input_ids, images=batch.images)
-        loss = label_smoothed_cross_entropy(out.logits, batch.target, 0.1, tokenizer.pad_id)
+        out = model(batch.input_ids, batch.decoder_input_ids, images=batch.images, patch_masks=batch.patch_masks)
+        loss = label_smoothed_cross_entropy(out.logits, batch.target, 0.1, tokenizer.pad_id, allowed=batch.allowed)
         opt.zero_grad(set_to_none=True)
         loss.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_value = float(loss.nll.detach())
         if step % eval_every == 0 or step == max_steps:
-            accuracy, _ = answer_accuracy(model, tokenizer, batch, answers)
+            accuracy, _ = answer_accuracy(model, tokenizer, batch, answers, max_length=max_answer)
             history.append({"step": step, "nll": loss_value, "accuracy": accuracy})
             bar.set_postfix(nll=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
             if accuracy == 1.0:

@@ -7,7 +7,6 @@ folder `VQA_RAD Image Folder`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -21,35 +20,8 @@ IMAGE_DIRS = ("images", "VQA_RAD Image Folder", "imgs")
 LICENSE = "CC0 1.0 (VQA-RAD, Lau et al. 2018)"
 
 
-@dataclass
-class VQARecord:
-    qid: str
-    image_path: Path
-    question: str
-    answer: str
-    answer_type: str  # CLOSED | OPEN
-
-
 def _load_json_list(path: Path) -> list[dict]:
     return read_json(path, list, "VQA-RAD split files are JSON lists of question records: re-download it")
-
-
-def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> list[VQARecord]:
-    """Records of one VQA-RAD split file; a malformed record or missing image is an error naming it."""
-    path, images = Path(json_path), Path(image_dir)
-    if not path.is_file():
-        raise GalenInputError(f"{path} not found; point to VQA-RAD's trainset.json/testset.json")
-    out = []
-    for i, row in enumerate(_load_json_list(path)):
-        missing = [k for k in REQUIRED_KEYS if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise GalenInputError(f"{path} record {i} lacks {missing}; VQA-RAD records have {REQUIRED_KEYS}")
-        image = images / str(row["image_name"])
-        if not image.is_file():
-            raise GalenInputError(f"{path} record {i}: image {image} not found; is --images the image folder?")
-        out.append(VQARecord(str(row.get("qid", i)), image, str(row["question"]), str(row["answer"]).strip().lower(),
-                             str(row.get("answer_type", "OPEN")).upper()))
-    return out
 
 
 @register_format("vqa-rad", "VQA-RAD: trainset.json/testset.json (JSON lists) + images/ (synpicNNNN.jpg)")
