@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from flows.ingest.schema import ARROW_SCHEMA, Record, from_row, image_sha1, read_records, to_row
+from flows.ingest.schema import ARROW_SCHEMA, from_row, image_sha1, to_row
 from model.errors import GalenInputError
 from model.tasks import NLI_ANSWERS
 
@@ -93,16 +93,20 @@ def _process_file(args: tuple[str, int, str, dict, int]) -> list[Path]:
     return written
 
 
-def closed_answer_sets(records: list[Record]) -> dict[str, dict[str, list[str]]]:
-    """Per dataset and task, the candidate answers used by trie decoding and trie-aware smoothing."""
+LABEL_COLUMNS = ["task", "split", "dataset", "target", "candidates"]
+
+
+def closed_answer_sets(rows: list[dict]) -> dict[str, dict[str, list[str]]]:
+    """Per dataset and task, the candidate answers used by trie decoding and trie-aware smoothing
+    (rows need only LABEL_COLUMNS)."""
     sets: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
-    for r in records:
-        if r.task == "vqa" and r.split == "train":
-            sets[r.dataset]["vqa"].add(r.target.strip().lower())
-        elif r.task == "classification" and r.candidates:
-            sets[r.dataset]["classification"].update(r.candidates)
-        elif r.task == "nli":
-            sets[r.dataset]["nli"].update(NLI_ANSWERS)
+    for r in rows:
+        if r["task"] == "vqa" and r["split"] == "train":
+            sets[r["dataset"]]["vqa"].add(r["target"].strip().lower())
+        elif r["task"] == "classification" and r["candidates"]:
+            sets[r["dataset"]]["classification"].update(r["candidates"])
+        elif r["task"] == "nli":
+            sets[r["dataset"]]["nli"].update(NLI_ANSWERS)
     return {d: {t: sorted(v) for t, v in tasks.items()} for d, tasks in sorted(sets.items())}
 
 
@@ -123,13 +127,13 @@ def build_shards(validated_dir: str | Path, out_dir: str | Path, cfg: ShardConfi
             written = [p for ps in pool.map(_process_file, jobs) for p in ps]
     else:
         written = [p for job in jobs for p in _process_file(job)]
-    records = [r for f in files for r in read_records(f)]
-    counts = Counter(f"{r.task}/{r.split}" for r in records)
-    candidates = closed_answer_sets(records)
+    rows = [r for f in files for r in pq.read_table(f, columns=LABEL_COLUMNS).to_pylist()]  # no image bytes
+    counts = Counter(f"{r['task']}/{r['split']}" for r in rows)
+    candidates = closed_answer_sets(rows)
     (out / "candidates.json").write_text(json.dumps(candidates, indent=2, sort_keys=True) + "\n")
-    tasks = sorted({r.task for r in records})
+    tasks = sorted({r["task"] for r in rows})
     mixture = {t: float(cfg.mixture.get(t, 1.0)) for t in tasks}
-    manifest = {"shards": len(written), "rows": len(records), "by_task_split": dict(sorted(counts.items())),
+    manifest = {"shards": len(written), "rows": len(rows), "by_task_split": dict(sorted(counts.items())),
                 "image_size": {t: cfg.size_for(t) for t in tasks}, "image_format": cfg.image_format,
                 "mixture": mixture}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -16,7 +16,7 @@ Parameter names follow the transformers port of OFA, so checkpoint import is a s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -236,7 +236,6 @@ class DecoderCache:
     self_bias: list[torch.Tensor]       # per layer (B|1, H, T_max, T_max) without the causal part
     cross_bias: torch.Tensor            # (B|1, H, T_max, S) including encoder padding
     length: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def max_length(self) -> int:

@@ -70,7 +70,6 @@ class RelativeBuckets(nn.Module):
 
     def __init__(self, token_bucket_size: int, image_bucket_size: int, max_positions: int, code_grid: int):
         super().__init__()
-        self.image_grid = image_bucket_size
         with torch.device("cpu"):  # real tables even when the model is built on the meta device
             self._build(token_bucket_size, image_bucket_size, max_positions, code_grid)
 

@@ -189,11 +189,11 @@ def train_worker(config: dict) -> None:
 
     run = TrainingRun.attach(config["run_id"], config["tracking_uri"], rank, system_metrics=rank == 0)
     shards = {t: ray.train.get_dataset_shard(t) for t in cfg.tasks}
-    epochs = {t: consumed[t] for t in cfg.tasks}  # rows this worker has taken from each task so far
+    resume_skip = dict(consumed)  # rows this worker took from each task before the checkpoint
 
     def rows(task: str):
         """Endless rows of a task's shard, resuming after the rows already consumed."""
-        skip = epochs[task]
+        skip = resume_skip[task]
         while True:
             for row in shards[task].iter_rows():
                 if skip:
@@ -255,7 +255,7 @@ def train_worker(config: dict) -> None:
             engine.save_checkpoint(d, tag="final")
             if rank == 0:
                 state = get_fp32_state_dict_from_zero_checkpoint(d, tag="final")
-                model.load_state_dict(state, strict=False)
+                model.load_state_dict(state, strict=True)
     if rank == 0:
         final = model if cfg.zero_stage == 3 else engine.module
         final.save_pretrained(cfg.out, tok)
@@ -288,8 +288,7 @@ def train(cfg: TrainConfig) -> dict:
     if job_dir:
         job_dir.mkdir(parents=True, exist_ok=True)
     resume_id = id_file.read() if id_file else None
-    params = {k: v for k, v in asdict(cfg).items()}
-    run = TrainingRun.start_or_resume(cfg.experiment, run_name, resume_id, params=params,
+    run = TrainingRun.start_or_resume(cfg.experiment, run_name, resume_id, params=asdict(cfg),
                                       tags={"galen.stage": cfg.stage}, system_metrics=False)
     if id_file and not resume_id:
         id_file.write(run.run_id)
