@@ -296,7 +296,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from flows.train.trainer import load_train_config, train
 
     cfg = load_train_config(load_params(args.params), args.stage, steps=args.steps, num_workers=args.workers,
-                            zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init)
+                            zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init,
+                            batch_size=args.batch_size, metrics=args.metrics)
     result = train(cfg)
     print(f"trained ({cfg.stage}, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers): {result}; model in {cfg.out}")
 
@@ -465,9 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, help="override train.steps")
     tr.add_argument("--workers", type=int, help="override train.num_workers")
     tr.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="override train.zero_stage")
-    tr.add_argument("--run-name", help="Ray Train run name; re-running the same name resumes it")
+    tr.add_argument("--run-name", help="MLflow run name (default galen-<stage>); re-running the same params resumes "
+                    "an unfinished job")
     tr.add_argument("--init", help="start from this model folder (pretrained or imported)")
     tr.add_argument("--out", help="where to save the trained model folder")
+    tr.add_argument("--batch-size", type=int, help="override train.batch_size (per worker and micro-step)")
+    tr.add_argument("--metrics", help="write the final metrics (and the MLflow run id) to this JSON file")
     tr.set_defaults(func=cmd_train)
 
     lc = sub.add_parser("learn-check", help="train a small model on a few records until it answers them all")

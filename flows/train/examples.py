@@ -312,12 +312,16 @@ def blank_middle(image: torch.Tensor, code_image_size: int = CODE_IMAGE_SIZE) ->
 
 
 def image_infilling_example(record: Record, tokenizer: GalenTokenizer, image_codes: ImageCodes | None, *,
-                            code_image_size: int = CODE_IMAGE_SIZE,
-                            max_source: int = DEFAULT_MAX_SOURCE) -> Example | None:
-    """Predict the codes of the blanked middle of a 2c x 2c image (OFA: 128 of 256, 16x16 = 256 codes)."""
+                            code_image_size: int = CODE_IMAGE_SIZE, max_source: int = DEFAULT_MAX_SOURCE,
+                            key: str | None = None) -> Example | None:
+    """Predict the codes of the blanked middle of a 2c x 2c image (OFA: 128 of 256, 16x16 = 256 codes).
+
+    Codes are looked up by `key` (the shards stage records the original image's SHA-1, since it
+    stores a resized copy) or else by the SHA-1 of the record's own image bytes.
+    """
     if record.image is None:
         return None
-    codes = _lookup_codes(image_codes, image_sha1(record.image))
+    codes = _lookup_codes(image_codes, key or image_sha1(record.image))
     grid = code_image_size // 8
     if codes is None:
         return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,6 +62,24 @@ class TrainConfig:
     metrics: str | None = None
     dropout: float = 0.1
     log_every: int = 10
+    objectives: dict[str, float] | None = None  # pretraining objective weights (None: the task mixture)
+    ema_decay: float | None = None          # fine-tuning EMA of the weights (the saved model is the EMA)
+    image_codes: str | None = "data/image_codes.parquet"  # image-infilling targets (pretraining)
+    image_size: int | None = None           # model input size (None: the shards' size, 2x128 with image infilling)
+
+    def objective_weights(self) -> dict[str, float]:
+        """Pretraining: `objectives`; fine-tuning: one objective per task (weights from the shard mixture)."""
+        from flows.train.objectives import PRETRAIN_SOURCES
+
+        if self.stage == "pretrain":
+            return dict(self.objectives if self.objectives is not None else {k: 1.0 for k in PRETRAIN_SOURCES})
+        return dict(self.objectives if self.objectives is not None else {t: 1.0 for t in self.tasks})
+
+    def tokenizer_dir(self) -> str:
+        """A model folder carries its own tokenizer; otherwise the pipeline's tokenizer stage output."""
+        if self.init and (Path(self.init) / "tokenizer.json").is_file():
+            return self.init
+        return self.tokenizer
 
     def check(self) -> None:
         problems = []
@@ -79,6 +96,22 @@ class TrainConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             problems.append(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0 < self.ema_decay < 1):
+            problems.append(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.objectives is not None:
+            from flows.train.objectives import FINETUNE_OBJECTIVES, PRETRAIN_SOURCES
+
+            known = PRETRAIN_SOURCES if self.stage == "pretrain" else FINETUNE_OBJECTIVES
+            unknown = [k for k in self.objectives if k not in known]
+            if unknown:
+                problems.append(f"unknown {self.stage} objectives {unknown}; known: {', '.join(known)}")
+            if not isinstance(self.objectives, dict) or any(
+                    isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in self.objectives.values()):
+                problems.append(f"objectives must map names to weights >= 0, got {self.objectives!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size % 16):
+            problems.append(f"image_size must be a multiple of 16, got {self.image_size!r}")
         if problems:
             raise GalenInputError("bad train params: " + "; ".join(problems) + " (fix them in params.yaml)")
 
@@ -102,9 +135,31 @@ def load_train_config(params: dict[str, Any], stage: str, **overrides: Any) -> T
     return cfg
 
 
-def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
-    """Shard files per task, checked before any worker starts."""
+def training_sources(cfg: TrainConfig, shards: Path) -> dict[str, list[str]]:
+    """Shard files per source task. Fine-tuning needs every listed task; pretraining reads whatever
+    its objectives can use (an objective without data is dropped, not an error)."""
     from flows.shards import shard_paths
+    from flows.train.objectives import PRETRAIN_SOURCES
+
+    if cfg.stage == "pretrain":
+        wanted = sorted({s for name, w in cfg.objective_weights().items() if w > 0 for s in PRETRAIN_SOURCES[name]})
+        files = {t: shard_paths(shards, t, "train") for t in wanted}
+        files = {t: f for t, f in files.items() if f}
+        if not files:
+            raise GalenInputError(f"no training shards under {shards} for any pretraining objective "
+                                  f"({', '.join(cfg.objective_weights())}); run `dvc repro shards`")
+        return files
+    files = {t: shard_paths(shards, t, "train") for t in cfg.tasks}
+    missing = [t for t, f in files.items() if not f]
+    if missing:
+        raise GalenInputError(f"no training shards for {missing} under {shards}; remove them from train.tasks or "
+                              "add a dataset with that task")
+    return files
+
+
+def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
+    """Shard files per source task, checked (with the tokenizer, init model and image codes)
+    before any worker starts, so a bad input never leaves a half-written run behind."""
     from model.tasks import TASKS
 
     shards = Path(cfg.shards)
@@ -115,14 +170,42 @@ def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
     bad = [t for t in cfg.tasks if t not in TASKS]
     if bad:
         raise GalenInputError(f"unknown tasks {bad} in train.tasks; tasks are {', '.join(TASKS)}")
-    files = {t: shard_paths(shards, t, "train") for t in cfg.tasks}
-    missing = [t for t, f in files.items() if not f]
-    if missing:
-        raise GalenInputError(f"no training shards for {missing} under {shards}; remove them from train.tasks or "
-                              "add a dataset with that task")
-    if cfg.init and not (Path(cfg.init) / "config.json").is_file():
-        raise GalenInputError(f"train.init={cfg.init} is not a Galen model folder (no config.json)")
+    files = training_sources(cfg, shards)
+    if cfg.init:
+        check_init_model(cfg)
+    if cfg.stage == "pretrain" and cfg.objective_weights().get("image_infilling", 0) > 0:
+        if not cfg.image_codes or not Path(cfg.image_codes).is_file():
+            raise GalenInputError(f"image_infilling needs image codes, but {cfg.image_codes!r} is not a file; run "
+                                  "`dvc repro image_codes` or set train.pretrain.objectives.image_infilling: 0")
     return files
+
+
+def check_init_model(cfg: TrainConfig) -> None:
+    """The starting model folder must exist and match the tokenizer (vocabulary) it will train with."""
+    from model.tokenizer import GalenTokenizer
+
+    init = Path(cfg.init)  # type: ignore[arg-type]
+    config_file = init / "config.json"
+    if not config_file.is_file():
+        raise GalenInputError(f"train.init={cfg.init} is not a Galen model folder (no config.json); give a folder "
+                              "written by `galen train`, `galen model init` or `galen import-checkpoint`")
+    from model.config import SIZES
+
+    saved = json.loads(config_file.read_text())
+    expected = SIZES[cfg.size]
+    differs = {k: (saved.get(k), v) for k, v in expected.items()
+               if k in ("d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim")
+               and saved.get(k) != v}
+    if differs:
+        detail = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differs.items())
+        raise GalenInputError(f"train.init={cfg.init} does not match train.size={cfg.size!r} ({detail}: checkpoint "
+                              f"vs size); set train.size to the checkpoint's size ({saved.get('name', '?')})")
+    model_vocab = saved.get("vocab_size")
+    tok_dir = init if (init / "tokenizer.json").is_file() else Path(cfg.tokenizer)
+    tok_size = len(GalenTokenizer.load(tok_dir))
+    if model_vocab != tok_size:
+        raise GalenInputError(f"train.init={cfg.init} has a vocabulary of {model_vocab} but the tokenizer at "
+                              f"{tok_dir} has {tok_size}; train with the tokenizer the model was made with")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +219,26 @@ def _lr_lambda(total: int, warmup: int):
     return f
 
 
+def _save_state(directory: str, engine: Any, ema: Any, rank: int, state: dict) -> None:
+    engine.save_checkpoint(directory, tag="state")
+    if ema is not None:
+        ema.save(Path(directory) / f"ema_rank{rank}.safetensors")
+    if rank == 0:
+        (Path(directory) / "galen_state.json").write_text(json.dumps(state))
+
+
+def _save_final_model(engine: Any, model: Any, cfg: TrainConfig, tok: Any, rank: int) -> None:
+    """Rank 0 writes the Galen model folder; under ZeRO-3 all ranks gather the partitions first."""
+    if cfg.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                model.save_pretrained(cfg.out, tok)
+    elif rank == 0:
+        engine.module.save_pretrained(cfg.out, tok)
+
+
 def train_worker(config: dict) -> None:
     """The Ray Train worker loop (runs once per worker process)."""
     import deepspeed
@@ -145,26 +248,35 @@ def train_worker(config: dict) -> None:
 
     from flows.ingest.schema import from_row
     from flows.tracking import TrainingRun
-    from flows.train.examples import collate, make_example, task_mixture_sampler
+    from flows.train.ema import WeightEMA
+    from flows.train.examples import collate
+    from flows.train.objectives import PRETRAIN_SOURCES, ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
     from model.config import get_config
     from model.generalist import GalenModel
+    from model.image_codes import PrecomputedCodes
     from model.losses import label_smoothed_cross_entropy
     from model.tokenizer import GalenTokenizer
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed + rank)
-    tok = GalenTokenizer.load(cfg.tokenizer)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker
+    tok = GalenTokenizer.load(cfg.tokenizer_dir())
+    image_size = config["image_size"]
     if cfg.init:
         model = GalenModel.from_pretrained(cfg.init)
     else:
-        model = GalenModel(get_config(cfg.size, vocab_size=len(tok), dropout=cfg.dropout,
-                                      image_size=config["image_size"]))
-    if model.cfg.vocab_size != len(tok):
-        raise GalenInputError(f"model vocabulary {model.cfg.vocab_size} != tokenizer {len(tok)}")
-    image_size = config["image_size"]
-    candidates = config["candidates"]
+        model = GalenModel(get_config(cfg.size, vocab_size=len(tok), dropout=cfg.dropout, image_size=image_size))
+    torch.manual_seed(cfg.seed + 1000 + rank)  # dropout differs per worker
+
+    weights = cfg.objective_weights()
+    sources = PRETRAIN_SOURCES if cfg.stage == "pretrain" else {t: (t,) for t in weights}
+    planner = StepPlanner(weights, sources, config["counts"], cfg.seed)
+    codes = None
+    if cfg.stage == "pretrain" and "image_infilling" in planner.objectives:
+        codes = PrecomputedCodes.from_file(cfg.image_codes)  # type: ignore[arg-type]
+    builder = ExampleBuilder(tok, config["data_image_size"], candidates=config["candidates"], image_codes=codes,
+                             code_image_size=model.cfg.code_image_size)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -178,22 +290,26 @@ def train_worker(config: dict) -> None:
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    ema = WeightEMA(list(model.parameters()), cfg.ema_decay) if cfg.ema_decay else None
 
-    step, consumed = 0, {t: 0 for t in cfg.tasks}
+    step, consumed = 0, {t: 0 for t in config["counts"]}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag="state")
+            if ema is not None:
+                ema.load(Path(d) / f"ema_rank{rank}.safetensors")
             state = json.loads((Path(d) / "galen_state.json").read_text())
-        step, consumed = state["step"], state["consumed"]
+        step, consumed = state["step"], {**consumed, **state["consumed"]}
 
     run = TrainingRun.attach(config["run_id"], config["tracking_uri"], rank, system_metrics=rank == 0)
-    shards = {t: ray.train.get_dataset_shard(t) for t in cfg.tasks}
-    resume_skip = dict(consumed)  # rows this worker took from each task before the checkpoint
+    if checkpoint:
+        run.log_metrics({"resumed_from_step": step}, step)
+    shards = {t: ray.train.get_dataset_shard(t) for t in planner.sources}
 
     def rows(task: str):
-        """Endless rows of a task's shard, resuming after the rows already consumed."""
-        skip = resume_skip[task]
+        """Endless rows of a task's shard, resuming after the rows this worker consumed before."""
+        skip = consumed[task]
         while True:
             for row in shards[task].iter_rows():
                 if skip:
@@ -201,64 +317,65 @@ def train_worker(config: dict) -> None:
                     continue
                 yield row
 
-    streams = {t: rows(t) for t in cfg.tasks}
-    # every worker draws the same task sequence: Ray Data's streaming split needs all workers
-    # reading the same task's dataset together (the rows themselves differ per worker)
-    sampler = task_mixture_sampler(config["mixture"], config["counts"], cfg.seed + step)
-    rng = random.Random(cfg.seed + rank + step)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}", disable=rank != 0, mininterval=5)
-    micro = cfg.batch_size
+    streams = {t: rows(t) for t in planner.sources}
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", disable=rank != 0, mininterval=5,
+               dynamic_ncols=True)
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+    task_losses: dict[str, list[float]] = {}
     while step < cfg.steps:
-        task_losses: dict[str, list[float]] = {}
-        for _ in range(cfg.grad_accum):
-            task = next(sampler)
+        for micro in range(cfg.grad_accum):
+            rng = step_rng(cfg.seed, rank, step, micro)
             examples = []
-            for _ in range(micro):
-                rec = from_row(next(streams[task]))
-                consumed[task] += 1
-                examples.append(make_example(rec, tok, image_size, rng=rng,
-                                             candidates=candidates.get(rec.dataset, {}).get(task)))
-            batch = collate(examples, tok)
-            out = engine(batch.input_ids, batch.decoder_input_ids, images=batch.images,
-                         patch_masks=batch.patch_masks, code_masks=batch.code_masks)
-            loss = label_smoothed_cross_entropy(out.logits, batch.target, cfg.label_smoothing, tok.pad_id,
-                                                allowed=batch.allowed)
-            engine.backward(loss.loss)
+            for slot in planner.plan(step, micro, cfg.batch_size):  # the same slots on every worker
+                record = from_row(next(streams[slot.source]))
+                consumed[slot.source] += 1
+                examples.append(builder.build(slot.objective, record, rng))
+            parts, tokens = [], 0
+            for group in group_by_image_shape(examples):
+                batch = collate(group, tok)
+                out = engine(batch.input_ids, batch.decoder_input_ids, images=batch.images,
+                             patch_masks=batch.patch_masks, code_masks=batch.code_masks)
+                loss = label_smoothed_cross_entropy(out.logits, batch.target, cfg.label_smoothing, tok.pad_id,
+                                                    allowed=batch.allowed)
+                parts.append(loss.loss * loss.num_tokens)
+                tokens += loss.num_tokens
+                with torch.no_grad():  # per-objective loss for the curves (rows of one objective)
+                    for task in set(batch.tasks):
+                        keep = torch.tensor([t == task for t in batch.tasks])
+                        nll = label_smoothed_cross_entropy(
+                            out.logits[keep].detach(), batch.target[keep], 0.0, tok.pad_id,
+                            allowed=None if batch.allowed is None else batch.allowed[keep]).nll
+                        task_losses.setdefault(task, []).append(float(nll))
+            engine.backward(sum(parts) / max(tokens, 1))
             engine.step()
-            task_losses.setdefault(task, []).append(float(loss.nll.detach()))
-            window_samples += micro
-            window_tokens += loss.num_tokens
+            window_samples += len(examples)
+            window_tokens += tokens
         step += 1
+        if ema is not None:
+            ema.update()
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
-            metrics = {f"loss/{t}": sum(v) / len(v) for t, v in task_losses.items()}
-            metrics.update({"lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples * world / elapsed,
+            metrics = {f"loss/{t}": sum(v) / len(v) for t, v in sorted(task_losses.items())}
+            all_losses = [x for v in task_losses.values() for x in v]
+            metrics.update({"loss": sum(all_losses) / len(all_losses), "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": window_samples * world / elapsed,
                             "tokens_per_s": window_tokens * world / elapsed})
             run.log_metrics(metrics, step)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")})
+            bar.set_postfix({"loss": f"{metrics['loss']:.3f}", "samples/s": f"{metrics['samples_per_s']:.1f}"})
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            task_losses = {}
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state = {"step": step, "consumed": consumed, "run_id": config["run_id"]}
             with tempfile.TemporaryDirectory() as d:
-                engine.save_checkpoint(d, tag="state")
-                (Path(d) / "galen_state.json").write_text(json.dumps({"step": step, "consumed": consumed,
-                                                                       "run_id": config["run_id"]}))
+                _save_state(d, engine, ema, rank, state)
                 ray.train.report({"step": step, **{f"consumed/{t}": n for t, n in consumed.items()}},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
     bar.close()
-    # consolidate (ZeRO-3 shards included) and save a Galen model folder on rank 0
-    if cfg.zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag="final")
-            if rank == 0:
-                state = get_fp32_state_dict_from_zero_checkpoint(d, tag="final")
-                model.load_state_dict(state, strict=True)
+    if ema is not None:
+        ema.swap()  # the saved model is the moving average
+    _save_final_model(engine, model, cfg, tok, rank)
     if rank == 0:
-        final = model if cfg.zero_stage == 3 else engine.module
-        final.save_pretrained(cfg.out, tok)
         run.log_model_folder(cfg.out)
     run.close()
 
@@ -266,6 +383,45 @@ def train_worker(config: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # driver side
 # --------------------------------------------------------------------------------------------------
+def model_image_size(cfg: TrainConfig, manifest: dict, tasks: list[str]) -> int:
+    """The input size the model is built for: the largest of the shards' sizes, or twice the code
+    crop when pretraining does image infilling (OFA blanks the middle 128 of a 256 image)."""
+    if cfg.init:
+        return int(json.loads((Path(cfg.init) / "config.json").read_text()).get("image_size", 256))
+    if cfg.image_size:
+        return cfg.image_size
+    size = max(int(manifest.get("image_size", {}).get(t, 128)) for t in tasks)
+    if cfg.stage == "pretrain" and cfg.objective_weights().get("image_infilling", 0) > 0:
+        size = max(size, 256)
+    return size
+
+
+FINISHED_MARKER = "galen_finished.json"
+_NOT_IN_FINGERPRINT = ("max_failures", "log_every", "metrics", "storage_path", "run_name", "experiment")
+
+
+def job_fingerprint(cfg: TrainConfig) -> str:
+    """Hash of everything that changes what a job computes: same params -> same job (a rerun resumes
+    it after a crash); changed params -> a new job and a new MLflow run, never a mixed one."""
+    import hashlib
+
+    fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def job_location(cfg: TrainConfig, run_name: str, storage: Path | str) -> tuple[str, Path | None]:
+    """(Ray Train run name, its local folder). An unfinished job with these params is resumed; once
+    finished, running the same params again starts the next attempt (`-r2`, `-r3`, ...)."""
+    base = f"{run_name}-{job_fingerprint(cfg)}"
+    if not isinstance(storage, Path):
+        return base, None
+    name, attempt = base, 1
+    while (storage / name / FINISHED_MARKER).is_file():
+        attempt += 1
+        name = f"{base}-r{attempt}"
+    return name, storage / name
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training job described by `cfg`; returns the final metrics."""
     import ray
@@ -278,18 +434,20 @@ def train(cfg: TrainConfig) -> dict:
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())
     candidates = json.loads((Path(cfg.shards) / "candidates.json").read_text())
-    counts = {t: manifest["by_task_split"].get(f"{t}/train", 0) for t in cfg.tasks}
-    mixture = {t: float(manifest["mixture"].get(t, 1.0)) for t in cfg.tasks}
-    image_size = max(manifest["image_size"].get(t, 128) for t in cfg.tasks)
+    counts = {t: manifest["by_task_split"].get(f"{t}/train", 0) for t in files}
+    image_size = model_image_size(cfg, manifest, list(files))
+    data_image_size = max(int(manifest.get("image_size", {}).get(t, 128)) for t in files)
+    if cfg.stage == "finetune" and cfg.objectives is None:  # the task mixture of the shards stage
+        cfg.objectives = {t: float(manifest.get("mixture", {}).get(t, 1.0)) for t in cfg.tasks}
     run_name = cfg.run_name or f"galen-{cfg.stage}"
     storage = Path(cfg.storage_path).resolve() if "://" not in cfg.storage_path else cfg.storage_path
-    job_dir = Path(storage) / run_name if isinstance(storage, Path) else None
+    job_name, job_dir = job_location(cfg, run_name, storage)
     id_file = run_id_file(job_dir) if job_dir else None
     if job_dir:
         job_dir.mkdir(parents=True, exist_ok=True)
     resume_id = id_file.read() if id_file else None
     run = TrainingRun.start_or_resume(cfg.experiment, run_name, resume_id, params=asdict(cfg),
-                                      tags={"galen.stage": cfg.stage}, system_metrics=False)
+                                      tags={"galen.stage": cfg.stage, "galen.job": job_name}, system_metrics=False)
     if id_file and not resume_id:
         id_file.write(run.run_id)
 
@@ -300,16 +458,19 @@ def train(cfg: TrainConfig) -> dict:
             ray.init(num_cpus=(os.cpu_count() or 1) + cfg.num_workers, include_dashboard=False, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same rows in the same order after a restart
+    ctx.enable_progress_bars = False  # one progress bar (the training one), not one per dataset
     datasets = {t: ray.data.read_parquet([str(Path(p).resolve()) for p in f]) for t, f in files.items()}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg) | {"tokenizer": str(Path(cfg.tokenizer).resolve()),
                                                    "out": str(Path(cfg.out).resolve()),
-                                                   "init": cfg.init and str(Path(cfg.init).resolve())},
+                                                   "init": cfg.init and str(Path(cfg.init).resolve()),
+                                                   "image_codes": cfg.image_codes and str(Path(cfg.image_codes).resolve())},
                            "run_id": run.run_id, "tracking_uri": tracking_uri(), "candidates": candidates,
-                           "mixture": mixture, "counts": counts, "image_size": image_size},
+                           "counts": counts, "image_size": image_size,
+                           "data_image_size": data_image_size},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=run_name, storage_path=str(storage),
+        run_config=RunConfig(name=job_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
@@ -321,6 +482,8 @@ def train(cfg: TrainConfig) -> dict:
         raise
     metrics = dict(result.metrics or {})
     run.end("FINISHED")
+    if job_dir:
+        (job_dir / FINISHED_MARKER).write_text(json.dumps({"run_id": run.run_id, "out": cfg.out}) + "\n")
     if cfg.metrics:
         Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics).write_text(json.dumps({"run_id": run.run_id, **metrics}, indent=2) + "\n")
