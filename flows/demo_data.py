@@ -4,7 +4,8 @@
 folder of `synpicNNNN.jpg`): radiograph-like textures with bright round "nodules" whose presence,
 count, side and size decide the answers, so a model that learns shows it in its accuracy.
 `write_demo` writes one folder per ingest format (VQA-RAD, R2Gen IU X-ray, MedMNIST, MedNLI, MeQSum,
-caption CSV + WebDataset, DICOM, and a small set of real images shipped by installed packages), so
+caption CSV + WebDataset, DICOM, SLAKE with detection.json boxes for grounding, and a small set of real
+images shipped by installed packages), so
 the demo pipeline runs through the real adapters. Everything is reproducible from the seed, down
 to the bytes: fixed encoder settings, zip/tar timestamps, sorted JSON keys and seed-derived UIDs.
 """
@@ -229,9 +230,10 @@ def _lung_cx(side: str) -> float:
     return 0.5 + LUNG_DX if side == "left" else 0.5 - LUNG_DX
 
 
-def sample_chest_findings(rng: np.random.Generator, size: int) -> ChestFindings:
-    """Random findings, with the frontal nodules already placed inside one lung and apart from each other."""
-    count = int(rng.choice(4, p=[0.4, 0.3, 0.2, 0.1]))
+def sample_chest_findings(rng: np.random.Generator, size: int, count: int | None = None) -> ChestFindings:
+    """Random findings, with the frontal nodules already placed inside one lung and apart from each other
+    (`count` nodules when given; otherwise a random 0-3, drawn from `rng` as it always was)."""
+    count = int(rng.choice(4, p=[0.4, 0.3, 0.2, 0.1])) if count is None else count
     side = "left" if rng.random() < 0.5 else "right"
     large = bool(rng.random() < 0.5)
     cardiomegaly = bool(rng.random() < 0.3)
@@ -373,6 +375,82 @@ def ct_slice_hu(rng: np.random.Generator, size: int, nodules: Sequence[tuple[int
 def window_uint8(hu: np.ndarray, center: float = 40.0, width: float = 400.0) -> np.ndarray:
     """Soft-tissue window: lungs black, body grey, nodules bright, bone white."""
     return np.clip(np.round((hu - (center - width / 2)) / width * 255), 0, 255).astype(np.uint8)
+
+
+# -- SLAKE (VQA + detection.json boxes for grounding) ---------------------------------------------
+SLAKE_SPLIT_FILES = {"train": "train.json", "val": "validate.json", "test": "test.json"}
+
+
+def _ellipse_box(cx: float, cy: float, a: float, b: float, size: int) -> list[float]:
+    """[x, y, w, h] of the pixels an `_ellipse` mask of centre (cx, cy) and semi-axes (a, b) (fractions) covers."""
+    x0, y0 = max(0, int(np.ceil((cx - a) * size))), max(0, int(np.ceil((cy - b) * size)))
+    x1, y1 = min(size, int(np.floor((cx + a) * size)) + 1), min(size, int(np.floor((cy + b) * size)) + 1)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def slake_image(rng: np.random.Generator, size: int, modality: str) -> tuple[np.ndarray, dict[str, list[float]], str]:
+    """A chest x-ray or axial CT with exactly one nodule, its SLAKE-style boxes {name: [x, y, w, h]} (the nodule's
+    tight box and both lungs', names in SLAKE's capitalisation) and the patient side of the nodule. One nodule
+    per image, so the phrase "nodule" names exactly one box."""
+    for _attempt in range(20):  # a draw that found no room for the nodule is drawn again: never a nodule-less image
+        if modality == "X-Ray":
+            findings = sample_chest_findings(rng, size, count=1)
+            placed = findings.nodules
+        else:
+            placed = sample_ct_nodules(rng, size, 1, bool(rng.random() < 0.5))
+        if placed:
+            break
+    else:
+        raise ValueError(f"no room for a nodule in a {size}px {modality} image; use a larger image_size")
+    nodule = placed[0]
+    if modality == "X-Ray":
+        pixels = chest_film(rng, size, findings)
+        lungs = {side: _ellipse_box(_lung_cx(side), LUNG_CY, LUNG_A, LUNG_B, size) for side in ("left", "right")}
+    else:
+        pixels = window_uint8(ct_slice_hu(rng, size, [nodule]))
+        # radiological convention: the patient's left lung is on the image's right
+        lungs = {side: _ellipse_box(CT_LUNGS[k][0], CT_LUNGS[k][1], *CT_LUNG_AXES, size)
+                 for k, side in enumerate(("right", "left"))}
+    cx, cy, r = nodule
+    boxes = {"Left Lung": lungs["left"], "Right Lung": lungs["right"], "Nodule": [cx - r, cy - r, 2 * r + 1, 2 * r + 1]}
+    return pixels, boxes, "left" if cx > size // 2 else "right"
+
+
+def write_slake(out_dir: str | Path, num_images: int = 60, image_size: int = 128, seed: int = 0) -> dict[str, int]:
+    """SLAKE 1.0's layout: `train.json`, `validate.json`, `test.json` (English and Chinese questions with
+    SLAKE's keys) and `imgs/xmlab<N>/{source.jpg, detection.json}`, where detection.json lists the true
+    nodule box and both lung boxes as [{"<name>": [x, y, w, h]}, ...] in pixels of source.jpg."""
+    out = Path(out_dir)
+    rng = _rng(seed, "slake")
+    rows: dict[str, list[dict]] = {split: [] for split in SLAKE_SPLIT_FILES}
+    qid, img_id, boxes_written = 0, 0, 0
+    for split, n in _split_sizes(num_images, 0.15, 0.15).items():
+        for _ in range(n):
+            modality = ("X-Ray", "CT")[img_id % 2]
+            pixels, boxes, side = slake_image(rng, image_size, modality)
+            folder = out / "imgs" / f"xmlab{img_id}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / "source.jpg", quality=95)
+            (folder / "detection.json").write_text(json.dumps([{k: v} for k, v in boxes.items()]) + "\n")
+            boxes_written += len(boxes)
+            questions = [  # (question, answer, answer_type, content_type, lang)
+                ("What modality is used to take this image?", modality, "OPEN", "Modality", "en"),
+                ("Is there a nodule in this image?", "Yes", "CLOSED", "Abnormality", "en"),
+                ("Which side of the lung is the nodule in?", side.capitalize(), "OPEN", "Position", "en"),
+                ("这张图片是用什么方式拍摄的?", modality, "OPEN", "Modality", "zh"),
+            ]
+            for question, answer, answer_type, content_type, lang in questions:
+                qid += 1
+                rows[split].append({
+                    "img_id": img_id, "img_name": f"xmlab{img_id}/source.jpg", "question": question,
+                    "answer": answer, "answer_type": answer_type, "q_lang": lang, "modality": modality,
+                    "location": "Lung", "content_type": content_type, "base_type": "vqa", "triple": ["vhead", "_", "_"],
+                    "qid": qid})
+            img_id += 1
+    out.mkdir(parents=True, exist_ok=True)
+    for split, name in SLAKE_SPLIT_FILES.items():
+        (out / name).write_text(json.dumps(rows[split], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {**{split: len(r) for split, r in rows.items()}, "images": img_id, "boxes": boxes_written}
 
 
 # -- histology and fundus photographs (captions) --------------------------------------------------
@@ -894,7 +972,7 @@ def write_real_images(out_dir: str | Path) -> dict[str, int]:
 
 
 # -- everything ----------------------------------------------------------------------------------------
-DEMO_FORMATS = ("vqa_rad", "iu_xray", "medmnist", "mednli", "meqsum", "captions", "dicom", "real_images")
+DEMO_FORMATS = ("vqa_rad", "iu_xray", "medmnist", "mednli", "meqsum", "captions", "dicom", "real_images", "slake")
 
 
 def write_demo(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *, image_size: int = 128,
@@ -917,4 +995,5 @@ def write_demo(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *, image_
     counts["captions"] = write_captions(out / "captions", n(48, 3), n(24, 3), image_size, seed)
     counts["dicom"] = write_dicom(out / "dicom", n(6, 3), n(2), image_size, seed)
     counts["real_images"] = write_real_images(out / "real_images")
+    counts["slake"] = write_slake(out / "slake", n(60, 3), image_size, seed)
     return counts

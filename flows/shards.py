@@ -1,9 +1,11 @@
 """Shard stage: validated rows -> per task/split Parquet shards that Ray Data reads for training.
 
 Images are resized once here (as params.yaml says, per task) and re-encoded, so training workers
-never decode full-size scans. Closed answer sets (VQA answer lists from the training answers,
-class names, NLI answers) are written to `candidates.json` for trie decoding and trie-aware label
-smoothing, and `manifest.json` records counts and the task-mixture weights. Input files are
+never decode full-size scans; boxes (grounding, detection) are rescaled with their image, since a
+record's boxes are in pixels of the image it stores (the pre-resize size and boxes stay in `meta`).
+Closed answer sets (VQA answer lists from the training answers, class names, NLI answers) are
+written to `candidates.json` for trie decoding and trie-aware label smoothing, and
+`manifest.json` records counts and the task-mixture weights. Input files are
 processed in parallel by a process pool (`workers`), one task per input shard.
 """
 
@@ -55,11 +57,25 @@ class ShardConfig:
 
 def resize_image(data: bytes, size: int, fmt: str, quality: int) -> bytes:
     """Square resize (bicubic, RGB) and re-encode, as the model's preprocessing expects."""
+    return resize_image_with_size(data, size, fmt, quality)[0]
+
+
+def resize_image_with_size(data: bytes, size: int, fmt: str, quality: int) -> tuple[bytes, tuple[int, int]]:
+    """`resize_image`, plus the (width, height) the image had before (what its boxes were measured in)."""
     with Image.open(io.BytesIO(data)) as img:
+        original = img.size
         img = img.convert("RGB").resize((size, size), Image.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="PNG" if fmt == "png" else "JPEG", quality=quality)
-    return buf.getvalue()
+    return buf.getvalue(), original
+
+
+def scale_boxes(boxes: list[list[float]], original: tuple[int, int], size: int) -> list[list[float]]:
+    """Pixel boxes of a (width, height) image -> the same boxes in pixels of its size x size resize
+    (x scales by size/width, y by size/height; clipped to the image against float round-off)."""
+    sx, sy = size / original[0], size / original[1]
+    return [[min(max(x0 * sx, 0.0), size), min(max(y0 * sy, 0.0), size),
+             min(max(x1 * sx, 0.0), size), min(max(y1 * sy, 0.0), size)] for x0, y0, x1, y1 in boxes]
 
 
 def _process_file(args: tuple[str, int, str, dict, int]) -> list[Path]:
@@ -82,7 +98,12 @@ def _process_file(args: tuple[str, int, str, dict, int]) -> list[Path]:
         rec = from_row(row)
         if rec.image is not None:
             rec.meta["original_image_sha1"] = image_sha1(rec.image)  # key of the image-code table
-            rec.image = resize_image(rec.image, cfg.size_for(rec.task), cfg.image_format, cfg.jpeg_quality)
+            size = cfg.size_for(rec.task)
+            rec.image, original = resize_image_with_size(rec.image, size, cfg.image_format, cfg.jpeg_quality)
+            rec.meta["original_size"] = list(original)
+            if rec.boxes:  # boxes are in pixels of the stored image: they follow it through the resize
+                rec.meta["original_boxes"] = rec.boxes
+                rec.boxes = scale_boxes(rec.boxes, original, size)
         key = (rec.task, rec.split)
         groups[key].append(to_row(rec))
         if len(groups[key]) >= cfg.rows_per_shard:

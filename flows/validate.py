@@ -2,7 +2,8 @@
 
 Checks: the adapter's own `problem`, image presence for image tasks, image decoding (PIL loads the
 pixels, so truncated files fail here), image size and mode, empty and over-long text, label sets
-(class name among the candidates, NLI answer among maybe/yes/no), boxes inside the image,
+(class name among the candidates, NLI answer among maybe/yes/no), boxes present for grounding and
+detection (with a phrase, or one label per box) and inside the image,
 duplicates within a split, and leakage (an image of the val/test split that also appears in
 train: the train copies are quarantined, the evaluation split stays intact). Nothing is dropped
 silently: every row ends up either in the validated shards or in `quarantine.parquet` with its
@@ -28,6 +29,7 @@ from model.errors import GalenInputError
 from model.tasks import NLI_ANSWERS
 
 IMAGE_TASKS = {"vqa", "caption", "classification", "grounding", "detection"}
+BOX_TASKS = {"grounding", "detection"}  # [x0, y0, x1, y1] pixel boxes of the record's image are the answer
 TEXT_FIELDS = ("question", "text", "premise", "hypothesis")
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}  # which copy of a leaked image survives
 
@@ -112,6 +114,13 @@ def check_record(rec: Record, cfg: ValidationConfig) -> str | None:
             return "duplicate labels in the candidate set"
         if rec.target not in rec.candidates:
             return f"label {rec.target!r} is not in the candidate set"
+    if rec.task in BOX_TASKS and not rec.boxes:
+        return f"{rec.task} record without boxes"
+    labels = [" ".join(str(x or "").split()) for x in rec.box_labels or []]
+    if rec.task == "grounding" and not (rec.text or "").strip() and not (labels and labels[0]):
+        return "empty grounding phrase (text, or the first box label)"
+    if rec.task == "detection" and (len(labels) != len(rec.boxes or []) or not all(labels)):
+        return f"detection needs one non-empty label per box ({len(rec.boxes or [])} boxes, {len(labels)} labels)"
     if rec.boxes:
         if size is None:
             return "boxes without an image"

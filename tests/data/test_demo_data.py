@@ -101,6 +101,10 @@ def test_every_format_folder_has_its_raw_layout(demo):
     assert len(list((root / "dicom").glob("*.dcm"))) == counts["dicom"]["files"]
     assert sorted(p.name for p in (root / "real_images" / "dicom").iterdir()) == ["CT_small.dcm", "MR_small.dcm"]
 
+    for name in ("train.json", "validate.json", "test.json"):
+        assert isinstance(json.loads((root / "slake" / name).read_text(encoding="utf-8")), list)
+    assert len(list((root / "slake" / "imgs").glob("xmlab*/detection.json"))) == counts["slake"]["images"] == 30
+
 
 # -- VQA-RAD -----------------------------------------------------------------------------------------
 def test_vqa_answers_match_the_nodules_found_in_the_images(demo):

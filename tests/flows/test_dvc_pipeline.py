@@ -52,7 +52,7 @@ def test_data_stages_reproduce_and_rerun_only_what_changed(repo):
     first = run(["dvc", "repro", "shards", "tokenizer"], repo)
     stages = ran_stages(first.stdout)
     assert {"demo_data", "validate", "tokenizer", "shards"} <= set(stages)
-    assert sum(s.startswith("ingest@") for s in stages) == 9
+    assert sum(s.startswith("ingest@") for s in stages) == 10
 
     report = json.loads((repo / "metrics" / "data_report.json").read_text())
     assert report["rows"] > 500 and report["quarantined"] == 0
