@@ -297,7 +297,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_train_config(load_params(args.params), args.stage, steps=args.steps, num_workers=args.workers,
                             zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init,
-                            batch_size=args.batch_size, metrics=args.metrics)
+                            batch_size=args.batch_size, metrics=args.metrics, size=args.size)
     result = train(cfg)
     print(f"trained ({cfg.stage}, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers): {result}; model in {cfg.out}")
 
@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", help="start from this model folder (pretrained or imported)")
     tr.add_argument("--out", help="where to save the trained model folder")
     tr.add_argument("--batch-size", type=int, help="override train.batch_size (per worker and micro-step)")
+    tr.add_argument("--size", choices=list(SIZES), help="override train.size (must match --init's checkpoint)")
     tr.add_argument("--metrics", help="write the final metrics (and the MLflow run id) to this JSON file")
     tr.set_defaults(func=cmd_train)
 

@@ -322,6 +322,7 @@ def train_worker(config: dict) -> None:
                dynamic_ncols=True)
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
     task_losses: dict[str, list[float]] = {}
+    warm_start, warm_samples, warm_tokens = None, 0, 0  # steady-state throughput, after the first step
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
             rng = step_rng(cfg.seed, rank, step, micro)
@@ -350,7 +351,12 @@ def train_worker(config: dict) -> None:
             engine.step()
             window_samples += len(examples)
             window_tokens += tokens
+            if warm_start is not None:
+                warm_samples += len(examples)
+                warm_tokens += tokens
         step += 1
+        if warm_start is None:
+            warm_start = time.perf_counter()
         if ema is not None:
             ema.update()
         bar.update(1)
@@ -369,7 +375,10 @@ def train_worker(config: dict) -> None:
             state = {"step": step, "consumed": consumed, "run_id": config["run_id"]}
             with tempfile.TemporaryDirectory() as d:
                 _save_state(d, engine, ema, rank, state)
-                ray.train.report({"step": step, **{f"consumed/{t}": n for t, n in consumed.items()}},
+                elapsed = max(time.perf_counter() - warm_start, 1e-9)
+                ray.train.report({"step": step, **{f"consumed/{t}": n for t, n in consumed.items()},
+                                  "samples_per_s": warm_samples * world / elapsed,
+                                  "tokens_per_s": warm_tokens * world / elapsed},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
     bar.close()
     if ema is not None:
