@@ -88,3 +88,24 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         raise GalenCheckpointError(f"{source} does not fit this model config — " + "; ".join(p for p in parts if p)
                                    + ". Is config.json the one saved with these weights?")
     model.load_state_dict(dict(state), strict=True)
+
+
+def folder_digest(directory: str | Path) -> str:
+    """sha256 over a model folder's relative file paths and contents: what was evaluated, registered and
+    served can be checked to be the same bytes (a corrupt or swapped file changes it)."""
+    import hashlib
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise GalenCheckpointError(f"model folder {d} does not exist")
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    if not files:
+        raise GalenCheckpointError(f"model folder {d} is empty")
+    listing = hashlib.sha256()
+    for path in files:
+        content = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                content.update(block)
+        listing.update(f"{path.relative_to(d).as_posix()}\t{content.hexdigest()}\n".encode())
+    return listing.hexdigest()

@@ -17,7 +17,7 @@ closed-set answering modes of the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,27 @@ class CandidateTrie:
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+
+class TokenLattice:
+    """Fixed-length constraint: one token from each position's allowed set, then eos.
+
+    Constrained search only walks `root` child by child, so a lattice can stand where a trie does;
+    its levels are shared dicts, so "exactly 4 location bins" (1000^4 boxes, as the reference
+    restricts grounding output) costs 4 dicts instead of a trie of every box.
+    """
+
+    def __init__(self, levels: Sequence[Sequence[int]], eos_id: int):
+        if not levels or any(len(level) == 0 for level in levels):
+            raise GalenInputError("every position of a token lattice needs at least one allowed token")
+        if any(eos_id in level for level in levels):
+            raise GalenInputError(f"the eos id {eos_id} cannot be an allowed token before the end")
+        node: dict[int, dict] = {eos_id: {}}
+        for level in reversed(levels):
+            node = dict.fromkeys((int(t) for t in level), node)
+        self.root = node
+        self.eos_id = eos_id
+        self.length = len(levels)
 
 
 @dataclass
@@ -125,8 +146,11 @@ class _DecoderState:
             self.code_masks = self.code_masks.index_select(0, static_index)
 
 
-def _constraint_nodes(constraints, batch: int) -> list[CandidateTrie | None]:
-    if constraints is None or isinstance(constraints, CandidateTrie):
+Constraint = Union[CandidateTrie, TokenLattice]
+
+
+def _constraint_nodes(constraints, batch: int) -> list[Constraint | None]:
+    if constraints is None or isinstance(constraints, (CandidateTrie, TokenLattice)):
         return [constraints] * batch
     if len(constraints) != batch:
         raise GalenInputError(f"{len(constraints)} candidate sets for a batch of {batch}; give one per sample "
@@ -176,7 +200,7 @@ def _apply_rules(logits: torch.Tensor, model: GalenModel, prefixes: list[list[in
 @torch.no_grad()
 def generate(model: GalenModel, input_ids: torch.Tensor | None, images: torch.Tensor | None = None,
              patch_masks: torch.Tensor | None = None, *, config: GenerationConfig | None = None,
-             constraints: CandidateTrie | Sequence[CandidateTrie | None] | None = None,
+             constraints: Constraint | Sequence[Constraint | None] | None = None,
              code_masks: torch.Tensor | None = None) -> list[Hypothesis]:
     """Best hypothesis per sample (greedy when beam_size == 1)."""
     cfg = config or GenerationConfig()
@@ -213,7 +237,7 @@ def _sample_done(finished: list[Hypothesis], live: list[tuple[int, int, float]],
     return max(score for _, _, score in live) <= min(h.score for h in finished)
 
 
-def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[CandidateTrie | None],
+def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Constraint | None],
                  cfg: GenerationConfig, code_masks: torch.Tensor | None) -> list[Hypothesis]:
     c, beam, device = model.cfg, cfg.beam_size, encoder.hidden.device
     batch = encoder.hidden.shape[0]

@@ -57,3 +57,53 @@ def nano(vocab_size: int = 1200, **overrides):
 
     torch.manual_seed(overrides.pop("seed", 0))
     return GalenModel(get_config("nano", vocab_size=vocab_size, **overrides)).eval()
+
+
+@pytest.fixture
+def mlflow_server_on_s3(tmp_path):
+    """moto S3 + `mlflow server --artifacts-destination s3://...` for one test, stopped by pid afterwards."""
+    from tests.servers import mlflow_server_on_s3 as server
+
+    with server(tmp_path) as running:
+        yield running
+
+
+DEMO_DATASETS = (  # (folder written by write_demo, ingest format, adapter options): one per evaluated task
+    ("vqa_rad", "vqa-rad", {}), ("slake", "slake", {}), ("iu_xray", "r2gen", {"dataset": "iu-xray"}),
+    ("medmnist", "medmnist", {}), ("mednli", "mednli", {}), ("meqsum", "meqsum", {}),
+)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """The demo pipeline at scale 0.25 through the real stages (demo data -> ingest -> validate ->
+    shards): test splits of vqa, caption, classification, nli, summarization and grounding."""
+    from flows.demo_data import write_demo
+    from flows.ingest import ingest
+    from flows.shards import ShardConfig, build_shards
+    from flows.validate import ValidationConfig, validate
+
+    root = tmp_path_factory.mktemp("demo_pipeline")
+    write_demo(root / "raw", seed=0, scale=0.25)
+    for name, fmt, options in DEMO_DATASETS:
+        ingest(fmt, root / "raw" / name, root / "ingested" / name, **options)
+    validate([root / "ingested" / name for name, _, _ in DEMO_DATASETS], root / "validated", ValidationConfig())
+    build_shards(root / "validated", root / "shards", ShardConfig(image_size={"default": 128}))
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(demo_shards, tmp_path_factory) -> Path:
+    """A random-weight nano model folder with a tokenizer trained on the demo shards' text (what
+    `galen model init --size nano` writes): real plumbing, meaningless answers."""
+    from flows.cli import corpus_texts
+    from model.config import get_config
+    from model.generalist import GalenModel
+    from model.tokenizer import GalenTokenizer, train_sentencepiece
+
+    out = tmp_path_factory.mktemp("nano_model")
+    texts = list(corpus_texts([str(p) for p in sorted(demo_shards.glob("*/train"))], []))
+    tok = GalenTokenizer(train_sentencepiece(texts, out, vocab_size=400))
+    torch.manual_seed(0)
+    GalenModel(get_config("nano", vocab_size=len(tok))).save_pretrained(out, tok)
+    return out

@@ -1,0 +1,589 @@
+"""Model registry: package a Galen model as an MLflow pyfunc, register it with its lineage, and move
+the `champion` / `challenger` / `previous` aliases (MLflow 3: aliases, not stages).
+
+* `register` checks the model folder loads, logs it as a pickle-free pyfunc ("models from code":
+  `flows/pyfunc_model.py`, the model folder as artifact, the `model` package as code, a signature
+  from its type hints and a VQA input example) into the evaluation run, and registers a version
+  tagged with the git commit, the DVC data hashes of dvc.lock, params.yaml, the eval metrics and
+  the model folder's sha256.
+* `promote` compares a candidate with the current champion on the metrics params.yaml names
+  (`registry.metrics`: each needs champion + min_improvement; with no champion, the floor). Better:
+  candidate -> `champion`, old champion -> `previous`. Not better: candidate -> `challenger`, and the
+  decision says which metric fell short and by how much.
+* `rollback` swaps `champion` and `previous` (a second rollback undoes the first).
+
+Nothing changes an alias before every check passed (model and alias exist, the run has the
+metrics, the artifact downloads and matches the registered sha256). Alias changes happen under
+`AliasLock`, a registry-wide mutex: creating a registered model is atomic in every MLflow store
+(unique name), so `<name>.lock` exists exactly while one process holds it, on sqlite and behind a
+server alike. The holder writes its planned alias changes on the lock before applying them, so
+one that dies half-way is completed by whoever breaks its stale lock: two racing promotions end
+as if they had run one after the other, never half-applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import random
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from flows.tracking import MAX_TAG_VALUE_LENGTH, TrainingRun, flatten, lineage, sanitize_key, tracking_uri
+from model.errors import GalenCheckpointError, GalenInputError
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+LOCK_SUFFIX = ".lock"
+OWNER_TAG, INTENT_TAG, ABANDONED_TAG = "galen.lock.owner", "galen.lock.intent", "galen.lock.abandoned"
+SHA_TAG = "galen.model_sha256"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_PACKAGE = Path(__file__).resolve().parent.parent / "model"
+ARTIFACT_KEY = "model"
+MAX_VERSION_TAG_LENGTH = 5000  # MLflow's limit for model version tag values
+# what the pyfunc needs at load time (pinned to the versions it was logged with)
+PYFUNC_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "sentencepiece", "tokenizers", "safetensors",
+                       "numpy", "pillow", "pydicom", "pydantic")
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings (params.yaml `registry:`)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class MetricRule:
+    """A promotion criterion: higher is better; beat the champion by `min_improvement`, or with no
+    champion reach `floor`."""
+
+    name: str
+    min_improvement: float = 0.0
+    floor: float = 0.0
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "galen-generalist"
+    experiment: str = "galen-evaluate"
+    metrics: list[MetricRule] = field(default_factory=list)
+    lock_timeout_s: float = 120.0      # how long a promotion waits for another one to finish
+    lock_stale_s: float = 900.0        # a lock older than this belongs to a dead process: completed and broken
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "RegistryConfig":
+        section = params.get("registry")
+        if not isinstance(section, Mapping):
+            raise GalenInputError("params.yaml has no `registry:` section; add model_name and the metrics to "
+                                  "compare (see the project's params.yaml)")
+        known = {"model_name", "experiment", "metrics", "lock_timeout_s", "lock_stale_s"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise GalenInputError(f"unknown registry params {unknown}; known: {sorted(known)}")
+        metrics = section.get("metrics")
+        if not isinstance(metrics, Mapping) or not metrics:
+            raise GalenInputError("registry.metrics must map metric names (e.g. vqa.accuracy) to "
+                                  "{min_improvement, floor}")
+        rules = []
+        for name, rule in metrics.items():
+            rule = rule or {}
+            if not isinstance(rule, Mapping) or set(rule) - {"min_improvement", "floor"}:
+                raise GalenInputError(f"registry.metrics.{name} must be a mapping with min_improvement and/or floor, "
+                                      f"got {rule!r}")
+            values = {k: rule.get(k, 0.0) for k in ("min_improvement", "floor")}
+            for k, v in values.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise GalenInputError(f"registry.metrics.{name}.{k} must be a number, got {v!r}")
+            if values["min_improvement"] < 0:
+                raise GalenInputError(f"registry.metrics.{name}.min_improvement is {values['min_improvement']}; it "
+                                      "must be >= 0 (a worse model is never promoted)")
+            rules.append(MetricRule(str(name), float(values["min_improvement"]), float(values["floor"])))
+        cfg = cls(metrics=rules, **{k: section[k] for k in ("model_name", "experiment", "lock_timeout_s",
+                                                             "lock_stale_s") if k in section})
+        if not isinstance(cfg.model_name, str) or not cfg.model_name.strip() or cfg.model_name.endswith(LOCK_SUFFIX):
+            raise GalenInputError(f"registry.model_name must be a non-empty name not ending in {LOCK_SUFFIX!r}")
+        return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow plumbing
+# --------------------------------------------------------------------------------------------------
+
+def _client(uri: str | None):
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _code(e: Exception) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    return e.error_code if isinstance(e, MlflowException) else None
+
+
+@contextlib.contextmanager
+def _mlflow_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model, start_run, register_model) at `uri` for a block, then put
+    back exactly what was there: `set_tracking_uri` also exports MLFLOW_TRACKING_URI, which would
+    otherwise redirect every later default-store lookup of this process."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    before = (tracking_state._tracking_uri, registry_state._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def get_registered_model(client, name: str, uri: str):
+    try:
+        return client.get_registered_model(name)
+    except Exception as e:
+        if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+            raise GalenInputError(f"no registered model {name!r} in {uri}; register one with `galen register` "
+                                  "(or check the name and MLFLOW_TRACKING_URI)") from e
+        raise
+
+
+def get_alias(client, name: str, alias: str):
+    """The version an alias points to, or None when the alias is not set."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception as e:
+        if _code(e) in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST") and "not found" in str(e).lower():
+            return None
+        raise
+
+
+def get_version(client, name: str, version: str | int | None = None, alias: str | None = None, *, uri: str):
+    """A version by number, by alias (which must exist), or the latest one."""
+    get_registered_model(client, name, uri)
+    if alias is not None:
+        mv = get_alias(client, name, alias)
+        if mv is None:
+            raise GalenInputError(f"registered model {name!r} has no alias {alias!r}; set aliases: "
+                                  f"{sorted(client.get_registered_model(name).aliases) or 'none'}")
+        return mv
+    if version is not None:
+        try:
+            return client.get_model_version(name, str(version))
+        except Exception as e:
+            if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+                raise GalenInputError(f"registered model {name!r} has no version {version}") from e
+            raise
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise GalenInputError(f"registered model {name!r} has no versions; run `galen register` first")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def run_metrics(client, run_id: str | None, what: str) -> dict[str, float]:
+    if not run_id:
+        raise GalenInputError(f"{what} has no source run, so no eval metrics; register it with `galen register`")
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:
+        if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+            raise GalenInputError(f"the run {run_id} of {what} does not exist (deleted?); its metrics are gone") from e
+        raise
+    if not run.data.metrics:
+        raise GalenInputError(f"run {run_id} of {what} has no metrics; evaluate the model (`galen evaluate`) into "
+                              "that run first")
+    return dict(run.data.metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Register
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    sha256: str
+
+
+def requirements() -> list[str]:
+    """Pinned pip requirements of the pyfunc (explicit: MLflow's inference would import and run it)."""
+    out = []
+    for name in PYFUNC_REQUIREMENTS:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def input_example() -> list[dict[str, Any]]:
+    """A VQA request (base64 PNG + question + yes/no candidates), stored with the model as its example."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 96).save(buf, format="PNG")
+    return [{"task": "vqa", "image": base64.b64encode(buf.getvalue()).decode("ascii"),
+             "question": "is there an abnormality in the image?", "candidates": ["yes", "no"]}]
+
+
+def _read_metrics_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
+    from flows.evaluate import flat_metrics
+    from model.errors import read_json
+
+    p = Path(path)
+    if not p.is_file():
+        raise GalenInputError(f"metrics file {p} not found; run `galen evaluate --out {p}` first")
+    data = read_json(p, dict, "it should be the JSON written by `galen evaluate`")
+    run_id = data.pop("run_id", None)
+    return (str(run_id) if run_id else None), flat_metrics(data)
+
+
+def _version_tags(params: Mapping[str, Any], metrics: Mapping[str, float], sha: str, run_id: str,
+                  project: str | Path | None) -> dict[str, str]:
+    limit = min(MAX_TAG_VALUE_LENGTH, MAX_VERSION_TAG_LENGTH)
+    tags = {**lineage(project), SHA_TAG: sha, "galen.run_id": run_id}
+    tags.update({f"params.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in flatten(params).items()})
+    tags.update({f"metric.{k}": repr(float(v)) for k, v in metrics.items()})
+    return {sanitize_key(k): (str(v) if len(str(v)) <= limit else str(v)[:limit - 3] + "...") for k, v in tags.items()}
+
+
+def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str, Any], *,
+             metrics_file: str | Path | None = None, run_id: str | None = None, uri: str | None = None,
+             project: str | Path | None = None) -> Registered:
+    """Log `model_dir` as a pyfunc into its evaluation run and register it as a new version of
+    `config.model_name` (no alias changes: that is `promote`)."""
+    import mlflow
+
+    from model.checkpoint import folder_digest
+    from model.predict import GalenPredictor, PredictConfig
+
+    folder = Path(model_dir)
+    GalenPredictor.load(folder)  # a missing or corrupt weights/config/tokenizer file fails here, before MLflow
+    sha = folder_digest(folder)
+    client, uri = _client(uri)
+
+    file_run, file_metrics = _read_metrics_file(metrics_file) if metrics_file else (None, {})
+    run_id = run_id or file_run
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except Exception as e:
+            if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+                raise GalenInputError(f"run {run_id} does not exist in {uri}; pass the run id `galen evaluate` "
+                                      "wrote into its metrics file") from e
+            raise
+        if run.info.lifecycle_stage == "deleted":
+            raise GalenInputError(f"run {run_id} is deleted in {uri}; restore it or evaluate again")
+        evaluated = run.data.tags.get(SHA_TAG)
+        if evaluated and evaluated != sha:
+            raise GalenInputError(f"{folder} is not the model run {run_id} evaluated (sha256 {sha[:12]} vs "
+                                  f"{evaluated[:12]}); evaluate this folder, or register the evaluated one")
+        metrics = dict(run.data.metrics)
+        if not metrics and not file_metrics:
+            raise GalenInputError(f"run {run_id} has no metrics; evaluate the model into it first (`galen evaluate "
+                                  f"--run-id {run_id}`)")
+        predict_config = run.data.tags.get("galen.predict_config")
+        if not metrics:
+            TrainingRun.attach(run_id, uri).log_metrics(file_metrics, step=0)
+            metrics = file_metrics
+    else:
+        if not file_metrics:
+            raise GalenInputError("register needs eval metrics: pass --metrics (the JSON `galen evaluate` wrote) or "
+                                  "--run-id of a run holding them")
+        new = TrainingRun.start_or_resume(config.experiment, "register", None, {"model": str(folder)},
+                                          {"galen.stage": "register", SHA_TAG: sha}, uri=uri, project=project,
+                                          system_metrics=False)
+        new.log_metrics(file_metrics, step=0)
+        new.end()
+        run_id, metrics, predict_config = new.run_id, file_metrics, None
+
+    model_config = {"predict": json.loads(predict_config) if predict_config else PredictConfig().to_dict()}
+    PredictConfig.from_dict(model_config["predict"])  # the served settings must load
+    with _mlflow_uri(uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
+                                       artifacts={ARTIFACT_KEY: str(folder.resolve())},
+                                       code_paths=[str(MODEL_PACKAGE)], input_example=input_example(),
+                                       pip_requirements=requirements(), model_config=model_config)
+    tags = _version_tags(params, metrics, sha, run_id, project)
+    with _mlflow_uri(uri):
+        mv = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
+    if mv.status != "READY":
+        raise GalenCheckpointError(f"version {mv.version} of {config.model_name!r} did not become ready "
+                                   f"(status {mv.status}: {mv.status_message})")
+    return Registered(config.model_name, str(mv.version), run_id, info.model_uri, sha)
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifact check
+# --------------------------------------------------------------------------------------------------
+
+def verify_artifact(client, mv, uri: str) -> None:
+    """Download a version's pyfunc and check its Galen model folder has the registered sha256, so a
+    missing or corrupted artifact stops a promotion before any alias moves."""
+    import mlflow
+    from mlflow.models import Model
+
+    from model.checkpoint import folder_digest
+
+    what = f"version {mv.version} of {mv.name!r}"
+    expected = (mv.tags or {}).get(SHA_TAG)
+    if not expected:
+        raise GalenCheckpointError(f"{what} has no {SHA_TAG} tag; it was not registered by `galen register`, so "
+                                   "its artifact cannot be checked")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            source = client.get_model_version_download_uri(mv.name, mv.version)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
+            flavor = Model.load(str(local)).flavors.get("python_function", {})
+            folder = local / flavor["artifacts"][ARTIFACT_KEY]["path"]
+            got = folder_digest(folder)
+        except (OSError, KeyError, TypeError, GalenCheckpointError) as e:
+            raise GalenCheckpointError(f"the artifact of {what} is missing or unreadable ({type(e).__name__}: "
+                                       f"{str(e)[:300]}); register the model again") from e
+        except Exception as e:
+            if _code(e) is None:
+                raise
+            raise GalenCheckpointError(f"the artifact of {what} cannot be downloaded ({str(e)[:300]}); register "
+                                       "the model again") from e
+    if got != expected:
+        raise GalenCheckpointError(f"the artifact of {what} is corrupted: its model folder has sha256 {got[:12]}, "
+                                   f"registered {expected[:12]}; register the model again")
+
+
+# --------------------------------------------------------------------------------------------------
+# The alias lock
+# --------------------------------------------------------------------------------------------------
+
+def apply_aliases(client, name: str, changes: Mapping[str, str | None]) -> None:
+    """Set (version) or remove (None) aliases; idempotent, so a dead holder's plan can be replayed."""
+    for alias, version in changes.items():
+        if version is None:
+            client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, str(version))
+
+
+class AliasLock:
+    """Mutex over a registered model's aliases, held by creating the registered model `<name>.lock`."""
+
+    def __init__(self, client, name: str, timeout_s: float = 120.0, stale_s: float = 900.0):
+        self.client, self.name = client, name
+        self.lock_name = f"{name}{LOCK_SUFFIX}"
+        self.timeout_s, self.stale_s = timeout_s, stale_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held = self.pending = False
+
+    def __enter__(self) -> "AliasLock":
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                self.client.create_registered_model(
+                    self.lock_name, tags={OWNER_TAG: self.owner},
+                    description=f"lock of {self.name}'s aliases, held by a running `galen promote`/`rollback`")
+                self.held = True
+                return self
+            except Exception as e:
+                if _code(e) != "RESOURCE_ALREADY_EXISTS" and "database is locked" not in str(e):
+                    raise
+            holder = self._holder()
+            if holder is not None and ((holder.tags or {}).get(ABANDONED_TAG) == "true"
+                                       or time.time() - holder.creation_timestamp / 1000 > self.stale_s):
+                self._break(holder)
+                continue
+            if time.monotonic() > deadline:
+                who = (holder.tags or {}).get(OWNER_TAG, "?") if holder else "?"
+                raise GalenInputError(f"another promotion or rollback of {self.name!r} holds the lock "
+                                      f"{self.lock_name!r} (owner {who}); try again later, or if that process died, "
+                                      f"wait {self.stale_s:.0f}s for the lock to go stale")
+            time.sleep(random.uniform(0.05, 0.3))
+
+    def _holder(self):
+        try:
+            return self.client.get_registered_model(self.lock_name)
+        except Exception as e:
+            if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    def _break(self, holder) -> None:
+        """Finish a dead holder's planned alias changes, then remove its lock."""
+        intent = (holder.tags or {}).get(INTENT_TAG)
+        log.warning("breaking the stale lock %s of %s", self.lock_name, (holder.tags or {}).get(OWNER_TAG))
+        if intent:
+            apply_aliases(self.client, self.name, json.loads(intent))
+        with contextlib.suppress(Exception):
+            self.client.delete_registered_model(self.lock_name)
+
+    def apply(self, changes: Mapping[str, str | None]) -> None:
+        """Record the plan on the lock, then carry it out."""
+        if not self.held:
+            raise RuntimeError("apply() outside the lock")
+        self.client.set_registered_model_tag(self.lock_name, INTENT_TAG, json.dumps(dict(changes)))
+        self.pending = True
+        apply_aliases(self.client, self.name, changes)
+        self.pending = False
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.pending:  # failed half-way: keep the lock and its plan, so the next holder completes it
+            with contextlib.suppress(Exception):
+                self.client.set_registered_model_tag(self.lock_name, ABANDONED_TAG, "true")
+            log.error("alias changes of %s failed half-way; the next promote/rollback completes them", self.name)
+            return
+        holder = self._holder()
+        if holder is not None and (holder.tags or {}).get(OWNER_TAG) == self.owner:
+            self.client.delete_registered_model(self.lock_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Promote and roll back
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Shortfall:
+    metric: str
+    value: float
+    required: float
+    basis: str           # "champion v3 0.71 + 0.01" or "floor 0.5"
+
+    @property
+    def gap(self) -> float:
+        return self.required - self.value
+
+    def __str__(self) -> str:
+        return (f"{self.metric} = {self.value:.4f} is {self.gap:.4f} short of the required {self.required:.4f} "
+                f"({self.basis})")
+
+
+@dataclass
+class Decision:
+    name: str
+    version: str
+    promoted: bool
+    champion_before: str | None
+    shortfalls: list[Shortfall] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def message(self) -> str:
+        if self.note:
+            return self.note
+        if self.promoted:
+            before = f"; v{self.champion_before} is now `{PREVIOUS}`" if self.champion_before else \
+                " (first champion: every metric reached its floor)"
+            return f"{self.name} v{self.version} is the new `{CHAMPION}`{before}"
+        against = f"champion v{self.champion_before}" if self.champion_before else "the floors"
+        return (f"{self.name} v{self.version} is not better than {against}: it is now `{CHALLENGER}`. Short: "
+                + "; ".join(str(s) for s in self.shortfalls))
+
+
+def compare(rules: list[MetricRule], candidate: Mapping[str, float], champion: Mapping[str, float] | None,
+            champion_version: str | None) -> list[Shortfall]:
+    """The metrics on which the candidate falls short (empty: it is better)."""
+    out = []
+    for rule in rules:
+        value = candidate[rule.name]
+        if champion is not None and rule.name in champion:
+            required = champion[rule.name] + rule.min_improvement
+            basis = f"champion v{champion_version} {champion[rule.name]:.4f} + min_improvement {rule.min_improvement}"
+        else:
+            required, basis = rule.floor, f"floor {rule.floor}" + (" (the champion has no such metric)"
+                                                                    if champion is not None else "")
+        if value < required:
+            out.append(Shortfall(rule.name, value, required, basis))
+    return out
+
+
+def promote(config: RegistryConfig, *, version: str | int | None = None, alias: str | None = None,
+            uri: str | None = None) -> Decision:
+    """Make a candidate (a version, an alias, or the latest version) champion if it beats the current
+    one on every configured metric; otherwise make it challenger."""
+    client, uri = _client(uri)
+    name = config.model_name
+    cand = get_version(client, name, version, alias, uri=uri)
+    what = f"version {cand.version} of {name!r}"
+    metrics = run_metrics(client, cand.run_id, what)
+    missing = [r.name for r in config.metrics if r.name not in metrics]
+    if missing:
+        raise GalenInputError(f"run {cand.run_id} of {what} has no metric {', '.join(missing)} (it has "
+                              f"{', '.join(sorted(metrics)[:12])}...); evaluate the tasks params.yaml "
+                              "registry.metrics names, or change that list")
+    verify_artifact(client, cand, uri)
+    with AliasLock(client, name, config.lock_timeout_s, config.lock_stale_s) as lock:
+        champ = get_alias(client, name, CHAMPION)
+        if champ is not None and str(champ.version) == str(cand.version):
+            return Decision(name, str(cand.version), True, str(champ.version),
+                            note=f"{name} v{cand.version} already is `{CHAMPION}`; nothing changed")
+        champ_metrics = None
+        if champ is not None:
+            try:
+                champ_metrics = run_metrics(client, champ.run_id, f"champion v{champ.version}")
+            except GalenInputError as e:  # a champion without metrics is judged against the floors
+                log.warning("%s; comparing against the floors", e)
+                champ_metrics = {}
+        shortfalls = compare(config.metrics, metrics, champ_metrics, champ and str(champ.version))
+        if shortfalls:
+            lock.apply({CHALLENGER: str(cand.version)})
+            return Decision(name, str(cand.version), False, champ and str(champ.version), shortfalls)
+        changes: dict[str, str | None] = {}
+        if champ is not None:
+            changes[PREVIOUS] = str(champ.version)
+        changes[CHAMPION] = str(cand.version)
+        challenger = get_alias(client, name, CHALLENGER)
+        if challenger is not None and str(challenger.version) == str(cand.version):
+            changes[CHALLENGER] = None
+        lock.apply(changes)
+        return Decision(name, str(cand.version), True, champ and str(champ.version))
+
+
+def rollback(config: RegistryConfig, *, uri: str | None = None) -> Decision:
+    """`previous` becomes `champion` again and the demoted champion becomes `previous`."""
+    client, uri = _client(uri)
+    name = config.model_name
+    get_registered_model(client, name, uri)
+    prev = get_alias(client, name, PREVIOUS)
+    if prev is None:
+        raise GalenInputError(f"{name!r} has no `{PREVIOUS}` alias: there is no earlier champion to roll back to")
+    verify_artifact(client, prev, uri)
+    with AliasLock(client, name, config.lock_timeout_s, config.lock_stale_s) as lock:
+        champ, prev_now = get_alias(client, name, CHAMPION), get_alias(client, name, PREVIOUS)
+        if prev_now is None or str(prev_now.version) != str(prev.version):
+            raise GalenInputError(f"the `{PREVIOUS}` alias of {name!r} moved while rolling back (another promotion "
+                                  "ran); nothing changed, check the aliases and try again")
+        changes: dict[str, str | None] = {CHAMPION: str(prev.version)}
+        changes[PREVIOUS] = str(champ.version) if champ is not None else None
+        lock.apply(changes)
+    before = champ and str(champ.version)
+    return Decision(name, str(prev.version), True, before,
+                    note=f"{name} v{prev.version} is `{CHAMPION}` again" +
+                         (f"; v{before} is now `{PREVIOUS}`" if before else ""))
+
+
+def aliases(config: RegistryConfig, uri: str | None = None) -> dict[str, str]:
+    """alias -> version of the registered model (for reports and tests)."""
+    client, uri = _client(uri)
+    return {k: str(v) for k, v in get_registered_model(client, config.model_name, uri).aliases.items()}
