@@ -187,14 +187,14 @@ def display_pixels(frame: np.ndarray, ds) -> tuple[np.ndarray, dict]:
     return _to_uint8(unit), info
 
 
-def _transfer_syntax(ds):
+def transfer_syntax(ds):
     meta = getattr(ds, "file_meta", None)
     return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
 def decode_problem(ds, error: Exception) -> str:
     """Why pixels could not be decoded, naming the transfer syntax and the package that decodes it."""
-    ts = _transfer_syntax(ds)
+    ts = transfer_syntax(ds)
     said = " ".join(str(error).split())[:300]
     if ts is not None and ts.is_compressed:
         hint = DECODER_HINTS.get(str(ts), "`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "

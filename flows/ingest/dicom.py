@@ -30,11 +30,11 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 
 from flows.ingest import register_format
 from flows.ingest.schema import Record, encode_png, split_by_hash
 from model.errors import GalenInputError
+from model.vision import decode_problem, display_pixels, transfer_syntax  # the one DICOM decoder
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,6 @@ META_TAGS = ("Modality", "BodyPartExamined", "PhotometricInterpretation", "Rows"
              "BurnedInAnnotation")  # "YES" flags text burned into the pixels (may show identifiers): filter on it
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
-_LIBJPEG = "`pip install pylibjpeg pylibjpeg-libjpeg` (or `pip install python-gdcm`)"
-_OPENJPEG = "`pip install pylibjpeg pylibjpeg-openjpeg` (or `pip install python-gdcm`)"
-DECODER_HINTS = {  # transfer syntax UID -> what to install to decode it
-    "1.2.840.10008.1.2.4.50": _LIBJPEG, "1.2.840.10008.1.2.4.51": _LIBJPEG, "1.2.840.10008.1.2.4.57": _LIBJPEG,
-    "1.2.840.10008.1.2.4.70": _LIBJPEG,
-    "1.2.840.10008.1.2.4.80": "`pip install pyjpegls` or " + _LIBJPEG,
-    "1.2.840.10008.1.2.4.81": "`pip install pyjpegls` or " + _LIBJPEG,
-    "1.2.840.10008.1.2.4.90": _OPENJPEG, "1.2.840.10008.1.2.4.91": _OPENJPEG,
-    "1.2.840.10008.1.2.4.201": _OPENJPEG, "1.2.840.10008.1.2.4.202": _OPENJPEG, "1.2.840.10008.1.2.4.203": _OPENJPEG,
-    "1.2.840.10008.1.2.5": "`pip install pylibjpeg pylibjpeg-rle`",
-}
-
-
 def _pydicom() -> Any:
     """pydicom with its v3 `pydicom.pixels` API (frame-wise decoding, LUT functions)."""
     try:
@@ -73,88 +60,6 @@ def _pydicom() -> Any:
 
 
 # --- pixels -------------------------------------------------------------------------------------
-
-def _first(value: Any) -> float:
-    """First value of a possibly multi-valued DS element (WindowCenter "40\\400" style)."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0]
-    return float(value)
-
-
-def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """The VOI window of DICOM PS3.3 C.11.2.1.2 mapped to [0, 1] (LINEAR, LINEAR_EXACT, SIGMOID)."""
-    x = x.astype(np.float64)
-    function = function.upper()
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    y = ((x - (center - 0.5)) / (width - 1) + 0.5) if width > 1 else (x > center - 0.5).astype(np.float64)
-    y = np.where(x <= center - 0.5 - (width - 1) / 2, 0.0, y)
-    y = np.where(x > center - 0.5 + (width - 1) / 2, 1.0, y)
-    return np.clip(y, 0.0, 1.0)
-
-
-def _min_max(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    return np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
-
-
-def _to_uint8(unit: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def display_pixels(frame: np.ndarray, ds: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    """One decoded frame as a uint8 HxW or HxWx3 array, and how it was mapped (for `meta`)."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if photometric == "PALETTE COLOR" and frame.ndim == 2:
-        rgb = apply_color_lut(frame, ds)
-        bits = 16 if rgb.dtype.itemsize > 1 else 8
-        return _to_uint8(rgb / float(2 ** bits - 1)), {"mapping": "palette"}
-    if frame.ndim == 3:  # colour: pydicom already turned YBR_* into RGB
-        if frame.dtype == np.uint8:
-            return frame, {"mapping": "rgb"}
-        bits = int(ds.get("BitsStored") or 8 * frame.dtype.itemsize)
-        return _to_uint8(frame / float(2 ** bits - 1)), {"mapping": "rgb", "bits_stored": bits}
-    values = apply_modality_lut(frame, ds)
-    info: dict[str, Any] = {}
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None and _first(width) > 0:
-        c, w = _first(center), _first(width)
-        function = str(ds.get("VOILUTFunction") or "LINEAR")
-        unit, info = window(values, c, w, function), {"mapping": "window", "window": [c, w, function]}
-    elif "VOILUTSequence" in ds:
-        unit, info = _min_max(apply_voi_lut(values, ds, index=0, prefer_lut=True)), {"mapping": "voi_lut"}
-    else:
-        unit, info = _min_max(values), {"mapping": "min-max"}
-    if photometric == "MONOCHROME1":  # low values are bright: invert so the PNG reads like MONOCHROME2
-        unit = 1.0 - unit
-        info["inverted"] = True
-    return _to_uint8(unit), info
-
-
-# --- files --------------------------------------------------------------------------------------
-
-def _transfer_syntax(ds: Any) -> Any:
-    meta = getattr(ds, "file_meta", None)
-    return meta.get("TransferSyntaxUID") if meta is not None else None
-
-
-def decode_problem(ds: Any, error: Exception) -> str:
-    """A record problem for pixels that could not be decoded, naming the transfer syntax and the fix."""
-    ts = _transfer_syntax(ds)
-    said = " ".join(str(error).split())[:300]
-    if ts is not None and ts.is_compressed:
-        hint = DECODER_HINTS.get(str(ts), "`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
-                                          "(or `pip install python-gdcm`)")
-        return (f"cannot decode pixel data compressed as {ts.name} ({ts}): no working decoder; install one with "
-                f"{hint}. pydicom said: {said}")
-    name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
-    return f"cannot decode pixel data ({name}): {type(error).__name__}: {said}"
-
 
 def _labels(source: Path, labels: str | Path | None) -> dict[str, str]:
     """`file -> label` from labels.csv (given, inside the folder, or beside it)."""
@@ -218,7 +123,7 @@ def _meta(ds: Any) -> dict[str, Any]:
         value = ds.get(tag)
         if value is not None and value != "":
             out[tag] = _plain(value)
-    ts = _transfer_syntax(ds)
+    ts = transfer_syntax(ds)
     if ts is not None:
         out["TransferSyntax"] = ts.name
     return out

@@ -149,14 +149,10 @@ class ExampleBuilder:
 
 
 def group_by_image_shape(examples: Sequence[Example]) -> list[list[Example]]:
-    """Split a mixed batch into sub-batches of one image size (OFA's v1/v2 sub-batches: image
-    infilling runs at twice the size); text-only rows join the first group."""
+    """Split a mixed batch into sub-batches of one image size, text-only rows on their own (OFA's
+    sub-batches: image infilling runs at twice the size, and pure-text rows never push blank images
+    through the ResNet, whose BatchNorm statistics they would skew)."""
     groups: dict[tuple[int, ...] | None, list[Example]] = {}
     for e in examples:
         groups.setdefault(None if e.image is None else tuple(e.image.shape), []).append(e)
-    text_only = groups.pop(None, [])
-    out = list(groups.values())
-    if not out:
-        return [text_only]
-    out[0].extend(text_only)
-    return out
+    return list(groups.values())

@@ -333,7 +333,7 @@ def test_dicom_min_max_without_window_and_monochrome1_inverted(tmp_path):
 
 
 def test_dicom_window_functions():
-    from flows.ingest.dicom import window
+    from model.vision import window
 
     x = np.array([-1000.0, 39.5, 40.0, 1000.0])
     np.testing.assert_allclose(window(x, 40, 400), [0.0, 0.5, (40 - 39.5) / 399 + 0.5, 1.0])

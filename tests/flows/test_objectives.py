@@ -90,9 +90,9 @@ def test_mixed_batch_splits_by_image_size_and_collates(tok):
     big = builder.build("caption", cap, step_rng(0, 0, 0, 0))
     big.image = torch.zeros(3, 128, 128)
     groups = group_by_image_shape([*examples, big])
-    assert [len(g) for g in groups] == [2, 1]
-    batch = collate(groups[0], tok)
-    assert batch.patch_masks.tolist() == [True, False]  # the text-only row rides along as padding
+    assert [[e.task for e in g] for g in groups] == [["caption"], ["nli"], ["caption"]]
+    assert [tuple(g[0].image.shape) for g in (groups[0], groups[2])] == [(3, 64, 64), (3, 128, 128)]
+    assert collate(groups[1], tok).images is None  # pure text never runs the image backbone
 
 
 def test_ema_averages_swaps_and_round_trips(tmp_path):

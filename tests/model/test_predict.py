@@ -89,18 +89,22 @@ def test_dicom_bytes_decode_with_rescale_and_window_like_a_hand_computation():
     assert np.array_equal(decode_dicom(dicom_bytes(frames)), WINDOWED)  # multi-frame: the middle frame
 
 
-def test_dicom_mapping_is_the_one_ingest_applies():
-    """Serving must see a scan exactly as training saw it (ingest maps DICOM to PNG the same way)."""
-    import pydicom
-    from pydicom.pixels import pixel_array
+def test_dicom_served_is_the_image_ingest_trained_on(tmp_path):
+    """Serving must see a scan exactly as training saw it: decode_dicom(bytes) == the PNG ingest wrote."""
+    from PIL import Image
 
-    from flows.ingest.dicom import display_pixels as ingest_display_pixels
+    from flows.ingest.dicom import read
 
     for photometric in ("MONOCHROME1", "MONOCHROME2"):
-        ds = pydicom.dcmread(io.BytesIO(dicom_bytes(STORED * 1 + 17, photometric=photometric, center=300, width=2000)))
-        frame = pixel_array(ds)
-        ours, ingest = display_pixels(frame, ds), ingest_display_pixels(frame, ds)
-        assert np.array_equal(ours[0], ingest[0]) and ours[1] == ingest[1]
+        folder = tmp_path / photometric
+        folder.mkdir()
+        data = dicom_bytes(STORED * 1 + 17, photometric=photometric, center=300, width=2000)
+        (folder / "scan.dcm").write_bytes(data)
+        records = list(read(folder))
+        assert len(records) == 1 and records[0].image is not None
+        ingested = np.asarray(Image.open(io.BytesIO(records[0].image)).convert("L"))
+        served = np.asarray(Image.fromarray(decode_dicom(data)).convert("L"))
+        assert np.array_equal(served, ingested)
 
 
 def test_compressed_dicom_without_a_decoder_names_the_transfer_syntax():
