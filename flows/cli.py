@@ -302,6 +302,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained ({cfg.stage}, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers): {result}; model in {cfg.out}")
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    from flows.submit import submit
+
+    submit(args.command, address=args.address, project=args.project, cluster_dir=args.cluster_dir,
+           excludes=args.exclude or (), env=args.env or (), job_id=args.job_id, wait=not args.no_wait)
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from flows.demo_data import write_demo
 
@@ -365,6 +372,80 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cfg = GenerationConfig(beam_size=args.beam, max_length=args.max_length, min_length=args.min_length,
                            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
     print(tok.decode(generate(model, ids, images, config=cfg)[0].tokens).strip())
+
+
+# -- evaluation and registry -----------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from flows.evaluate import evaluate
+    from model.predict import PredictConfig
+
+    config = PredictConfig(closed_set_mode=args.closed_set_mode, max_batch_size=args.batch_size)
+    report = evaluate(args.model, args.shards, args.out, limit=args.limit, tasks=args.tasks, predict_config=config,
+                      log_mlflow=not args.no_mlflow, run_id=args.run_id, experiment=args.experiment,
+                      predictions_path=args.predictions, plots_dir=args.plots, samples=args.samples)
+    for task, m in report.items():
+        if isinstance(m, dict):
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()
+                              if not isinstance(v, dict))
+            print(f"  {task:15s} {shown}")
+    where = f"; MLflow run {report['run_id']}" if "run_id" in report else ""
+    print(f"wrote {args.out}{where}")
+
+
+def _registry_config(args: argparse.Namespace):
+    from flows.params import load_params
+    from flows.registry import RegistryConfig
+
+    params = load_params(args.params)
+    cfg = RegistryConfig.from_params(params)
+    if args.name:
+        cfg.model_name = args.name
+    return cfg, params
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from flows.registry import aliases, promote, register
+
+    cfg, params = _registry_config(args)
+    reg = register(args.model, cfg, params, metrics_file=args.metrics, run_id=args.run_id)
+    print(f"registered {reg.name} version {reg.version} from run {reg.run_id} (model sha256 {reg.sha256[:12]})")
+    report = asdict(reg)
+    if args.promote:
+        decision = promote(cfg, version=reg.version)
+        print(decision.message)
+        report.update(promoted=decision.promoted, decision=decision.message, aliases=aliases(cfg))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from flows.registry import promote
+
+    cfg, _ = _registry_config(args)
+    print(promote(cfg, version=args.version, alias=args.alias).message)
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from flows.registry import rollback
+
+    cfg, _ = _registry_config(args)
+    print(rollback(cfg).message)
+
+
+# -- serving ---------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> None:
+    from serve.app import DEFAULT_CONFIG, run_local
+
+    user_config = {k: v for k, v in (("model_name", args.model_name), ("alias", args.alias),
+                                     ("poll_interval_s", args.poll_interval)) if v is not None}
+    if args.no_batching:
+        user_config["batching"] = False
+    run_local(args.config or DEFAULT_CONFIG, host=args.host, port=args.port, user_config=user_config,
+              args={"params": args.params} if args.params else None, num_cpus=args.num_cpus,
+              ready_file=args.ready_file)
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -475,6 +556,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--metrics", help="write the final metrics (and the MLflow run id) to this JSON file")
     tr.set_defaults(func=cmd_train)
 
+    sm = sub.add_parser("submit", help="run a galen command (e.g. train) on a Ray cluster through the Ray Jobs API",
+                        description="galen submit [options] -- train --stage finetune --params params.yaml")
+    sm.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
+    sm.add_argument("--project", default=".", help="project folder uploaded as the job's working_dir")
+    sm.add_argument("--cluster-dir", help="run in this project folder on the nodes instead (nothing uploaded)")
+    sm.add_argument("--exclude", action="append", help="more upload excludes (.gitignore-style, repeatable)")
+    sm.add_argument("--env", action="append", metavar="NAME[=VALUE]", help="env var for the job (repeatable)")
+    sm.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    sm.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    sm.add_argument("command", nargs=argparse.REMAINDER, help="the galen command, after --")
+    sm.set_defaults(func=cmd_submit)
+
     lc = sub.add_parser("learn-check", help="train a small model on a few records until it answers them all")
     lc.add_argument("--data", required=True, help="folder of Galen Parquet shards (ingested or validated)")
     lc.add_argument("--task", default="vqa", help="task of the records to learn (short answers: vqa, nli, ...)")
@@ -522,6 +615,60 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--length-penalty", type=float, default=1.0)
     gen.add_argument("--no-repeat-ngram", type=int, default=3)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="metrics of a model folder on the test split of every task in the shards")
+    ev.add_argument("--model", required=True, help="Galen model folder (save_pretrained output)")
+    ev.add_argument("--shards", required=True, help="folder written by `galen shards`")
+    ev.add_argument("--out", required=True, help="metrics JSON to write (a DVC metric)")
+    ev.add_argument("--limit", type=int, help="at most this many test records per task")
+    ev.add_argument("--tasks", nargs="+", help="evaluate only these tasks (default: every task with a test split)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--closed-set-mode", default="trie", choices=["trie", "all"])
+    ev.add_argument("--run-id", help="log into this MLflow run (e.g. the training run) instead of a new one")
+    ev.add_argument("--experiment", default="galen-evaluate", help="MLflow experiment of a new run")
+    ev.add_argument("--no-mlflow", action="store_true", help="only write the metrics file")
+    ev.add_argument("--predictions", help="also write every prediction as JSON lines here")
+    ev.add_argument("--plots", help="also write the plots (PNG) into this folder")
+    ev.add_argument("--samples", type=int, default=8, help="sample predictions per task in the MLflow tables")
+    ev.set_defaults(func=cmd_evaluate)
+
+    rg = sub.add_parser("register", help="log a model folder as an MLflow pyfunc and register it with its lineage")
+    rg.add_argument("--model", required=True, help="Galen model folder that was evaluated")
+    rg.add_argument("--metrics", help="the metrics JSON `galen evaluate` wrote (its run id is used)")
+    rg.add_argument("--run-id", help="MLflow run holding the eval metrics (default: the metrics file's)")
+    rg.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
+    rg.add_argument("--promote", action="store_true", help="then promote the new version (galen promote)")
+    rg.add_argument("--report", help="write the version, run and promotion decision as JSON here")
+    rg.add_argument("--params", default="params.yaml")
+    rg.set_defaults(func=cmd_register)
+
+    pr = sub.add_parser("promote", help="make a registered version champion if it beats the current one "
+                        "(params.yaml registry.metrics), else challenger")
+    which = pr.add_mutually_exclusive_group()
+    which.add_argument("--version", help="version number (default: the latest)")
+    which.add_argument("--alias", help="the version an alias points to, e.g. challenger")
+    pr.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
+    pr.add_argument("--params", default="params.yaml")
+    pr.set_defaults(func=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="make the `previous` champion `champion` again")
+    rb.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
+    rb.add_argument("--params", default="params.yaml")
+    rb.set_defaults(func=cmd_rollback)
+    sv = sub.add_parser("serve", help="serve the registered model over HTTP on an embedded Ray (Ray Serve; "
+                        "settings: serve/config.yaml and params.yaml serve)")
+    sv.add_argument("--config", help="Serve config YAML (default: serve/config.yaml of the package)")
+    sv.add_argument("--params", help="params.yaml whose `serve:` section sets limits, batching, timeouts "
+                    "(default: the project's)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model-name", help="registered model (default: serve.model_name)")
+    sv.add_argument("--alias", help="serve the version at this alias (default: serve.alias, champion)")
+    sv.add_argument("--poll-interval", type=float, help="seconds between alias checks (default: serve.poll_interval_s)")
+    sv.add_argument("--no-batching", action="store_true", help="answer each request alone")
+    sv.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    sv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,1 +1,1 @@
-"""Ray Serve endpoints over the MLflow-registered models (issue 6: not built yet)."""
+"""The HTTP endpoint: Ray Serve + FastAPI over the MLflow-registered generalist (serve/README.md)."""
