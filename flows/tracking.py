@@ -176,43 +176,163 @@ def _chunks(items: list, size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# The run id stored next to checkpoints
+# Job storage (a local folder or s3://bucket/prefix) and the run id stored next to checkpoints
 # --------------------------------------------------------------------------------------------------
 
-class RunIdFile:
-    """`<storage_dir>/mlflow_run_id`: lets a resumed job find the run it belongs to. Written
-    atomically (temp file + rename) so a job killed mid-write never leaves half an id."""
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint (MinIO, Ceph, moto) from the environment, as boto3 and pyarrow
+    name it: `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`; None means AWS S3 itself."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
 
-    def __init__(self, storage_dir: str | Path) -> None:
-        self.path = Path(storage_dir) / RUN_ID_FILENAME
 
-    def read(self) -> str | None:
-        if not self.path.is_file():
+class StorageFolder:
+    """A folder of training storage: a local path or `s3://bucket/prefix` (boto3, endpoint from
+    `s3_endpoint()`). Holds the small files Galen keeps beside Ray Train's checkpoints (the MLflow
+    run id, the finished marker), and says how Ray Train should open the same place."""
+
+    def __init__(self, location: str | Path) -> None:
+        loc = str(location)
+        self.is_s3 = loc.startswith("s3://")
+        if "://" in loc and not self.is_s3:
+            raise GalenInputError(f"storage {loc!r}: use a local folder or s3://bucket/prefix "
+                                  f"(other filesystems are not supported)")
+        if self.is_s3:
+            bucket, _, prefix = loc[len("s3://"):].partition("/")
+            if not bucket:
+                raise GalenInputError(f"storage {loc!r} names no bucket; use s3://bucket/prefix")
+            self.bucket, self.prefix, self.path = bucket, prefix.strip("/"), None
+        else:
+            self.bucket, self.prefix, self.path = None, "", Path(loc)
+        self._s3 = None
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/") if self.is_s3 else str(self.path)
+
+    def __repr__(self) -> str:
+        return f"StorageFolder({str(self)!r})"
+
+    def child(self, name: str) -> StorageFolder:
+        return StorageFolder(f"{self}/{name}" if self.is_s3 else self.path / name)  # type: ignore[operator]
+
+    def uri(self, name: str) -> str:
+        return f"{self}/{name}"
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    @property
+    def s3(self):
+        if self._s3 is None:
+            import boto3
+
+            self._s3 = boto3.client("s3", endpoint_url=s3_endpoint())
+        return self._s3
+
+    def _s3_call(self, what: str, fn, *args, **kwargs):
+        """One S3 request; a missing bucket or bad credentials become one clear error."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(what) from e
+            where = f" at {s3_endpoint()}" if s3_endpoint() else ""
+            if code == "NoSuchBucket":
+                raise GalenInputError(f"S3 bucket {self.bucket!r}{where} does not exist; create it or fix "
+                                      "train.storage_path") from e
+            raise GalenInputError(f"cannot {what}{where}: {code or e}; check the AWS credentials and "
+                                  "AWS_ENDPOINT_URL") from e
+        except BotoCoreError as e:
+            raise GalenInputError(f"cannot {what}: {e}; check the AWS credentials and AWS_ENDPOINT_URL") from e
+
+    def read_text(self, name: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        if not self.is_s3:
+            file = self.path / name  # type: ignore[operator]
+            return file.read_text() if file.is_file() else None
+        try:
+            obj = self._s3_call(f"read {self.uri(name)}", self.s3.get_object, Bucket=self.bucket, Key=self._key(name))
+        except FileNotFoundError:
             return None
-        run_id = self.path.read_text().strip()
-        if not re.fullmatch(r"[A-Za-z0-9][\w\-]{0,255}", run_id):
-            raise GalenInputError(f"{self.path} does not hold an MLflow run id ({run_id[:80]!r}); delete it to "
-                                  "start a fresh run")
-        return run_id
+        return obj["Body"].read().decode()
 
-    def write(self, run_id: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{RUN_ID_FILENAME}.")
+    def exists(self, name: str) -> bool:
+        return self.read_text(name) is not None
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a whole file at once: a local temp file + rename, or one S3 PUT (atomic by
+        itself), so a job killed mid-write never leaves half a file."""
+        if self.is_s3:
+            self._s3_call(f"write {self.uri(name)}", self.s3.put_object, Bucket=self.bucket, Key=self._key(name),
+                          Body=text.encode())
+            return
+        file = self.path / name  # type: ignore[operator]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{name}.")
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(run_id + "\n")
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, file)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def delete(self, name: str) -> None:
+        if self.is_s3:
+            self._s3_call(f"delete {self.uri(name)}", self.s3.delete_object, Bucket=self.bucket, Key=self._key(name))
+        else:
+            (self.path / name).unlink(missing_ok=True)  # type: ignore[operator]
+
+    def ray_storage(self):
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig: a local path, or with an
+        S3-compatible endpoint a pyarrow S3FileSystem pointed at it (and the path without
+        `s3://`, as Ray expects with a custom filesystem); None lets pyarrow resolve AWS S3."""
+        if not self.is_s3:
+            return str(self.path), None
+        endpoint = s3_endpoint()
+        if not endpoint:
+            return str(self), None
+        import pyarrow.fs
+
+        return f"{self.bucket}/{self.prefix}".rstrip("/"), pyarrow.fs.S3FileSystem(endpoint_override=endpoint)
+
+
+class RunIdFile:
+    """`<storage_dir>/mlflow_run_id` (a local folder or s3://...): lets a resumed job find the run
+    it belongs to. Written whole (temp file + rename, or one S3 PUT) so a job killed mid-write
+    never leaves half an id."""
+
+    def __init__(self, storage_dir: str | Path | StorageFolder) -> None:
+        self.folder = storage_dir if isinstance(storage_dir, StorageFolder) else StorageFolder(storage_dir)
+        self.uri = self.folder.uri(RUN_ID_FILENAME)
+        self.path = None if self.folder.is_s3 else self.folder.path / RUN_ID_FILENAME  # type: ignore[operator]
+
+    def read(self) -> str | None:
+        text = self.folder.read_text(RUN_ID_FILENAME)
+        if text is None:
+            return None
+        run_id = text.strip()
+        if not re.fullmatch(r"[A-Za-z0-9][\w\-]{0,255}", run_id):
+            raise GalenInputError(f"{self.uri} does not hold an MLflow run id ({run_id[:80]!r}); delete it to "
+                                  "start a fresh run")
+        return run_id
+
+    def write(self, run_id: str) -> None:
+        self.folder.write_text(RUN_ID_FILENAME, run_id + "\n")
+
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self.folder.delete(RUN_ID_FILENAME)
 
 
-def run_id_file(storage_dir: str | Path) -> RunIdFile:
+def run_id_file(storage_dir: str | Path | StorageFolder) -> RunIdFile:
     """The run-id file of a training job's checkpoint folder."""
     return RunIdFile(storage_dir)
 
@@ -392,6 +512,16 @@ class TrainingRun:
         items = [RunTag(sanitize_key(k), _clip(v, MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
         for batch in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=batch)
+
+    def increment_tag(self, key: str) -> int:
+        """Add one to a counter tag (e.g. how many times the job restarted from a checkpoint) and
+        return the new count (0 on ranks that do not log)."""
+        if not self.active:
+            return 0
+        current = self.client.get_run(self.run_id).data.tags.get(sanitize_key(key), "0")
+        count = int(current) + 1 if current.isdigit() else 1
+        self.set_tags({key: str(count)})
+        return count
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log one step's metrics (per-task loss, lr, samples/s, tokens/s, ...) in one request.

@@ -28,6 +28,7 @@ from model.errors import GalenInputError
 
 STAGES = ("pretrain", "finetune")
 FINETUNE_TASKS = ("vqa", "caption", "classification", "nli", "summarization")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -52,7 +53,8 @@ class TrainConfig:
     use_gpu: bool = False
     checkpoint_every: int = 50
     max_failures: int = 2
-    storage_path: str = "ray_results"
+    storage_path: str = "ray_results"      # local folder or s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL)
+    placement_strategy: str = "PACK"        # Ray placement of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     run_name: str | None = None
     experiment: str = "galen-generalist"
     seed: int = 0
@@ -110,6 +112,12 @@ class TrainConfig:
             if not isinstance(self.objectives, dict) or any(
                     isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in self.objectives.values()):
                 problems.append(f"objectives must map names to weights >= 0, got {self.objectives!r}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            problems.append(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                            f"got {self.placement_strategy!r}")
+        if not isinstance(self.storage_path, str) or not self.storage_path or (
+                "://" in self.storage_path and not self.storage_path.startswith("s3://")):
+            problems.append(f"storage_path must be a local folder or s3://bucket/prefix, got {self.storage_path!r}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size % 16):
             problems.append(f"image_size must be a multiple of 16, got {self.image_size!r}")
         if problems:
@@ -171,6 +179,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
     if bad:
         raise GalenInputError(f"unknown tasks {bad} in train.tasks; tasks are {', '.join(TASKS)}")
     files = training_sources(cfg, shards)
+    check_shard_rows(shards, files)
     if cfg.init:
         check_init_model(cfg)
     if cfg.stage == "pretrain" and cfg.objective_weights().get("image_infilling", 0) > 0:
@@ -178,6 +187,31 @@ def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
             raise GalenInputError(f"image_infilling needs image codes, but {cfg.image_codes!r} is not a file; run "
                                   "`dvc repro image_codes` or set train.pretrain.objectives.image_infilling: 0")
     return files
+
+
+def check_shard_rows(shards: Path, files: dict[str, list[str]]) -> None:
+    """Every training shard the manifest counts is there and readable: the rows on disk per task
+    must match manifest.json, so a deleted, truncated or foreign shard file fails here, not mid-run
+    (the step planner and the resume positions rely on those counts)."""
+    import pyarrow.parquet as pq
+
+    try:
+        expected = json.loads((shards / "manifest.json").read_text()).get("by_task_split", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise GalenInputError(f"{shards / 'manifest.json'} is unreadable ({e}); run `dvc repro shards`") from e
+    for task, paths in files.items():
+        rows = 0
+        for p in paths:
+            try:
+                rows += pq.read_metadata(p).num_rows
+            except Exception as e:  # noqa: BLE001 - any unreadable file is the same bad input
+                raise GalenInputError(f"shard {p} is not readable Parquet ({e}); re-run `dvc repro shards` "
+                                      "(or `dvc checkout data/shards`)") from e
+        want = expected.get(f"{task}/train")
+        if rows != want:
+            raise GalenInputError(f"the {task} training shards under {shards} hold {rows} rows in {len(paths)} "
+                                  f"file(s) but manifest.json counts {want}: a shard file is missing or was changed; "
+                                  "re-run `dvc repro shards` (or `dvc checkout data/shards`)")
 
 
 def check_init_model(cfg: TrainConfig) -> None:
@@ -305,6 +339,7 @@ def train_worker(config: dict) -> None:
     run = TrainingRun.attach(config["run_id"], config["tracking_uri"], rank, system_metrics=rank == 0)
     if checkpoint:
         run.log_metrics({"resumed_from_step": step}, step)
+        run.increment_tag("galen.checkpoint_restores")  # worker-group restarts and reruns that continued the run
     shards = {t: ray.train.get_dataset_shard(t) for t in planner.sources}
 
     def rows(task: str):
@@ -325,6 +360,8 @@ def train_worker(config: dict) -> None:
     warm_start, warm_samples, warm_tokens = None, 0, 0  # steady-state throughput, after the first step
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
+            # dropout/drop-path seeded by step (not a process-wide stream), so a restart repeats it exactly
+            torch.manual_seed(step_rng(cfg.seed, rank, step, micro).getrandbits(63))
             rng = step_rng(cfg.seed, rank, step, micro)
             examples = []
             for slot in planner.plan(step, micro, cfg.batch_size):  # the same slots on every worker
@@ -406,7 +443,8 @@ def model_image_size(cfg: TrainConfig, manifest: dict, tasks: list[str]) -> int:
 
 
 FINISHED_MARKER = "galen_finished.json"
-_NOT_IN_FINGERPRINT = ("max_failures", "log_every", "metrics", "storage_path", "run_name", "experiment")
+_NOT_IN_FINGERPRINT = ("max_failures", "log_every", "metrics", "storage_path", "run_name", "experiment",
+                       "placement_strategy")
 
 
 def job_fingerprint(cfg: TrainConfig) -> str:
@@ -418,17 +456,16 @@ def job_fingerprint(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def job_location(cfg: TrainConfig, run_name: str, storage: Path | str) -> tuple[str, Path | None]:
-    """(Ray Train run name, its local folder). An unfinished job with these params is resumed; once
-    finished, running the same params again starts the next attempt (`-r2`, `-r3`, ...)."""
+def job_location(cfg: TrainConfig, run_name: str, storage: Any) -> tuple[str, Any]:
+    """(Ray Train run name, its folder in `storage`, a `flows.tracking.StorageFolder`: local or
+    s3://). An unfinished job with these params is resumed; once finished, running the same params
+    again starts the next attempt (`-r2`, `-r3`, ...)."""
     base = f"{run_name}-{job_fingerprint(cfg)}"
-    if not isinstance(storage, Path):
-        return base, None
     name, attempt = base, 1
-    while (storage / name / FINISHED_MARKER).is_file():
+    while storage.child(name).exists(FINISHED_MARKER):
         attempt += 1
         name = f"{base}-r{attempt}"
-    return name, storage / name
+    return name, storage.child(name)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -438,7 +475,7 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flows.tracking import TrainingRun, run_id_file, tracking_uri
+    from flows.tracking import StorageFolder, TrainingRun, run_id_file, tracking_uri
 
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())
@@ -449,22 +486,21 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.stage == "finetune" and cfg.objectives is None:  # the task mixture of the shards stage
         cfg.objectives = {t: float(manifest.get("mixture", {}).get(t, 1.0)) for t in cfg.tasks}
     run_name = cfg.run_name or f"galen-{cfg.stage}"
-    storage = Path(cfg.storage_path).resolve() if "://" not in cfg.storage_path else cfg.storage_path
-    job_name, job_dir = job_location(cfg, run_name, storage)
-    id_file = run_id_file(job_dir) if job_dir else None
-    if job_dir:
-        job_dir.mkdir(parents=True, exist_ok=True)
-    resume_id = id_file.read() if id_file else None
-    run = TrainingRun.start_or_resume(cfg.experiment, run_name, resume_id, params=asdict(cfg),
-                                      tags={"galen.stage": cfg.stage, "galen.job": job_name}, system_metrics=False)
-    if id_file and not resume_id:
-        id_file.write(run.run_id)
+    storage = StorageFolder(cfg.storage_path if "://" in cfg.storage_path else Path(cfg.storage_path).resolve())
+    job_name, job_dir = job_location(cfg, run_name, storage)  # reads S3 first: a bad bucket fails here
+    storage_path, storage_fs = storage.ray_storage()
+    id_file = run_id_file(job_dir)
+    resume_id = id_file.read()
 
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # before the MLflow run: Ray failing to start leaves no run behind
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:  # local Ray: leave logical CPUs for Ray Data's read tasks beside the training workers
             ray.init(num_cpus=(os.cpu_count() or 1) + cfg.num_workers, include_dashboard=False, log_to_driver=True)
+    run = TrainingRun.start_or_resume(cfg.experiment, run_name, resume_id, params=asdict(cfg),
+                                      tags={"galen.stage": cfg.stage, "galen.job": job_name}, system_metrics=False)
+    if not resume_id:
+        id_file.write(run.run_id)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same rows in the same order after a restart
     ctx.enable_progress_bars = False  # one progress bar (the training one), not one per dataset
@@ -478,8 +514,9 @@ def train(cfg: TrainConfig) -> dict:
                            "run_id": run.run_id, "tracking_uri": tracking_uri(), "candidates": candidates,
                            "counts": counts, "image_size": image_size,
                            "data_image_size": data_image_size},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=job_name, storage_path=str(storage),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(name=job_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
@@ -491,8 +528,7 @@ def train(cfg: TrainConfig) -> dict:
         raise
     metrics = dict(result.metrics or {})
     run.end("FINISHED")
-    if job_dir:
-        (job_dir / FINISHED_MARKER).write_text(json.dumps({"run_id": run.run_id, "out": cfg.out}) + "\n")
+    job_dir.write_text(FINISHED_MARKER, json.dumps({"run_id": run.run_id, "out": cfg.out}) + "\n")
     if cfg.metrics:
         Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.metrics).write_text(json.dumps({"run_id": run.run_id, **metrics}, indent=2) + "\n")

@@ -453,3 +453,137 @@ def test_dvc_remote_script_refuses_without_a_remote_url(tmp_path):
                          env={"PATH": f"{BIN}:/usr/bin:/bin"}, capture_output=True, text=True)
     assert res.returncode != 0 and "GALEN_DVC_REMOTE_URL" in res.stderr
     assert not (repo / ".dvc" / "config.local").exists()
+
+
+# --- the cluster side agrees with the code -------------------------------------------------------
+
+def galen_args(command: str) -> list[str]:
+    """`galen ...` (after any VAR=value prefixes) as argv without the program name."""
+    argv = shlex.split(command)
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+        argv.pop(0)
+    assert argv[0] == "galen", command
+    return argv[1:]
+
+
+def check_train_command(argv: list[str]) -> None:
+    """A `galen train` command line parses with Galen's own parser, and the params file it names
+    (the repo's, as in the image and on the launcher's nodes) loads with only known, valid params."""
+    from flows.cli import build_parser, cmd_train
+    from flows.params import load_params
+    from flows.train.trainer import load_train_config
+
+    args = build_parser().parse_args(argv)
+    assert args.func is cmd_train, argv
+    assert not Path(args.params).is_absolute() and (ROOT / args.params).is_file(), args.params
+    cfg = load_train_config(load_params(ROOT / args.params), args.stage, steps=args.steps,
+                            num_workers=args.workers, zero_stage=args.zero_stage, run_name=args.run_name,
+                            out=args.out, init=args.init, batch_size=args.batch_size, metrics=args.metrics,
+                            size=args.size)
+    assert cfg.stage == args.stage
+
+
+def test_rayjob_runs_a_galen_train_command_with_known_params_and_its_worker_count():
+    steps = [s.strip() for s in rayjob()["spec"]["entrypoint"].split("&&")]
+    argv = galen_args(next(s for s in steps if s.startswith("galen train")))
+    check_train_command(argv)
+
+    from flows.cli import build_parser
+    from flows.params import load_params
+    from flows.train.trainer import load_train_config
+
+    args = build_parser().parse_args(argv)
+    cfg = load_train_config(load_params(ROOT / args.params), args.stage, num_workers=args.workers)
+    (gpu,) = rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert gpu["replicas"] == cfg.num_workers, "one Ray Train worker per GPU pod: train.num_workers == replicas"
+
+
+def documented_submit_commands() -> list[str]:
+    found = []
+    for path in [INFRA / "README.md", *YAML_FILES]:
+        for m in re.finditer(r"(?:[A-Z_]+=\S+ )*galen submit [^`\n]*", path.read_text()):
+            cmd = m.group(0).strip().rstrip(".,;")
+            if " -- " in cmd and "[" not in cmd and "…" not in cmd:  # not mentions, synopses or elisions
+                found.append(cmd)
+    return found
+
+
+def test_every_documented_galen_submit_command_parses_and_submits_a_valid_train_command():
+    from flows.cli import build_parser
+    from flows.submit import galen_command
+
+    commands = documented_submit_commands()
+    assert len(commands) >= 3, commands                     # README (KubeRay, AWS) + the manifests' headers
+    for cmd in commands:
+        args = build_parser().parse_args(galen_args(cmd))
+        assert args.func.__name__ == "cmd_submit", cmd
+        assert args.cluster_dir in {"/app", "~/galen"}, cmd   # where the image / the launcher put the repo
+        check_train_command(galen_command(args.command))
+
+
+def ray_start_options() -> set[str]:
+    from ray.scripts.scripts import start
+
+    return {opt for p in start.params for opt in p.opts}
+
+
+def test_ray_start_commands_and_params_use_real_ray_start_options():
+    import click
+    from ray.scripts.scripts import start
+
+    cfg = launcher()
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        for part in cmd.split(";"):
+            argv = shlex.split(part.split("&&")[-1])
+            if argv[:2] == ["ray", "start"]:
+                try:
+                    start.make_context("start", argv[2:])
+                except click.UsageError as e:
+                    pytest.fail(f"{cmd!r}: {e}")
+    options = ray_start_options()
+    for which, spec in kuberay_cluster_specs().items():
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            for key in group["rayStartParams"]:
+                assert f"--{key}" in options, (which, key)
+
+
+def test_the_long_lived_clusters_head_has_the_data_for_galen_submit_drivers():
+    """`galen submit --cluster-dir /app` runs `galen train` on the head, which checks data/shards and
+    artifacts/tokenizer before any worker starts: the head pod pulls them like the GPU pods."""
+    head = kuberay_cluster_specs()["raycluster"]["headGroupSpec"]["template"]["spec"]
+    init = {c["name"]: c for c in head.get("initContainers", [])}
+    assert "dvc pull --with-deps shards tokenizer" in " ".join(init["dvc-pull"]["command"])
+    pulled = {m["mountPath"] for m in init["dvc-pull"]["volumeMounts"]}
+    mounted = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert {"/app/data", "/app/artifacts"} <= pulled & mounted
+    assert head["containers"][0]["workingDir"] == "/app"
+
+
+# Env var names in Galen's code that are not configuration a deployment sets.
+NOT_CONFIGURATION = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "serve/store.py turns MLflow's progress bars off in replicas",
+    "MLFLOW_REGISTRY_URI": "flows/registry.py saves and restores it around registry calls",
+}
+
+
+def env_names_in_code() -> set[str]:
+    """Env var names Galen's Python code mentions (reads, forwards, or sets)."""
+    names: set[str] = set()
+    for folder in ("flows", "model", "serve"):
+        for path in (ROOT / folder).rglob("*.py"):
+            names |= set(re.findall(r"[\"']((?:AWS|MLFLOW|RAY|GALEN)_[A-Z0-9_]+)[\"']", path.read_text()))
+    return names
+
+
+def test_the_env_vars_the_code_reads_are_the_documented_ones():
+    in_code = env_names_in_code()
+    for name, why in NOT_CONFIGURATION.items():
+        assert name in in_code, f"{name} is no longer in the code ({why}): drop it from NOT_CONFIGURATION"
+    read = in_code - set(NOT_CONFIGURATION)
+    assert {"MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"} <= read
+    documented = documented_env()
+    assert read <= documented, f"read by the code but not in infra/README.md: {sorted(read - documented)}"
+    wired = set().union(*manifest_env_names().values())
+    unused = documented - read - wired
+    assert not unused, f"documented in infra/README.md but read by no code and set by no file here: {sorted(unused)}"

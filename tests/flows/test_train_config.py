@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from flows.train.trainer import check_inputs, load_train_config
@@ -50,3 +53,74 @@ def test_missing_shards_tokenizer_or_task_data_are_clear(tmp_path):
     cfg.tasks = ["vqa", "colouring"]
     with pytest.raises(GalenInputError, match="unknown tasks"):
         check_inputs(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# `galen train` with bad input: one clear error, before Ray starts, and nothing in the run storage
+# --------------------------------------------------------------------------------------------------
+
+def split_then_drop_a_shard(shards: Path, task: str = "vqa") -> Path:
+    """The task's training rows split over two shard files, then one of them lost."""
+    import pyarrow.parquet as pq
+
+    (only,) = sorted((shards / task / "train").glob("*.parquet"))
+    table = pq.read_table(only)
+    half = table.num_rows // 2
+    pq.write_table(table.slice(0, half), only.with_name("part-a.parquet"))
+    pq.write_table(table.slice(half), only.with_name("part-b.parquet"))
+    only.unlink()
+    (shards / task / "train" / "part-b.parquet").unlink()
+    return shards
+
+
+BAD_INPUTS = {
+    "misspelled": ({"lrr": 0.1}, r"unknown train params: lrr \(did you mean lr\?\)"),
+    "out_of_range": ({"zero_stage": 5}, "zero_stage must be 0, 1, 2 or 3"),
+    "placement": ({"placement_strategy": "SPREAD_OUT"}, "placement_strategy must be one of"),
+    "storage_scheme": ({"storage_path": "gs://bucket/runs"}, r"storage_path must be a local folder or s3://"),
+    "missing_shard": ({"shards": "MISSING_SHARD"}, r"the vqa training shards .* hold \d+ rows in 1 file\(s\) but "
+                                                   r"manifest.json counts \d+: a shard file is missing"),
+    "init_size": ({"size": "tiny"}, r"train.init=.* does not match train.size='tiny'"),
+    "s3_unreachable": ({"storage_path": "s3://galen-ckpt/runs"},
+                       r"cannot read s3://galen-ckpt/runs/galen-finetune-\w+/\S+: .*127.0.0.1:\d+.*AWS_ENDPOINT_URL"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_before_any_worker_and_writes_nothing(case, tmp_path, monkeypatch, capsys, demo_shards,
+                                                              demo_model_dir):
+    import shutil
+
+    import yaml
+
+    from flows.cli import main
+    from tests.servers import free_port
+
+    overrides, message = BAD_INPUTS[case]
+    shards = demo_shards
+    if overrides.get("shards") == "MISSING_SHARD":
+        shards = split_then_drop_a_shard(Path(shutil.copytree(demo_shards, tmp_path / "shards")))
+        overrides = {**overrides, "shards": str(shards)}
+    storage = tmp_path / "storage"
+    train = {"size": "nano", "tasks": ["vqa", "nli"], "steps": 4, "batch_size": 2, "num_workers": 2,
+             "storage_path": str(storage), "shards": str(shards), "tokenizer": str(demo_model_dir),
+             "init": str(demo_model_dir), "out": str(tmp_path / "model"), "experiment": "bad-input", **overrides}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")   # nothing listens there
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["train", "--stage", "finetune", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("galen: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not storage.exists() or not any(storage.iterdir())        # no job folder, no run-id file
+    assert not (tmp_path / "mlflow.db").exists()                      # no MLflow run (not even a store)
+    assert not (tmp_path / "model").exists()
+    import ray
+
+    assert not ray.is_initialized()                                   # no Ray, so no worker, ever started
