@@ -130,6 +130,12 @@ class EncoderOutput:
                              self.positions, self.num_image_tokens)
 
 
+def _type_id(kind: int, device: torch.device) -> torch.Tensor:
+    """Token type 0 (text) or 1 (image), looked up through the embedding module (not its weight)
+    so that DeepSpeed ZeRO-3 gathers the table before use."""
+    return torch.tensor(kind, dtype=torch.long, device=device)
+
+
 class Encoder(nn.Module):
     """Image patches then text tokens through a bidirectional transformer."""
 
@@ -157,7 +163,7 @@ class Encoder(nn.Module):
         x = self.image_proj(feats.flatten(2).transpose(1, 2))
         if self.cfg.encoder_entangle_positions:
             x = x + self.embed_image_positions(ids)
-        x = self.patch_layernorm_embedding(x + self.type_embedding.weight[1])
+        x = self.patch_layernorm_embedding(x + self.type_embedding(_type_id(1, x.device)))
         return self.dropout(x), ids
 
     def forward(self, token_embeddings: torch.Tensor | None, input_ids: torch.Tensor | None,
@@ -179,7 +185,7 @@ class Encoder(nn.Module):
             x_txt = token_embeddings
             if self.cfg.encoder_entangle_positions:
                 x_txt = x_txt + text_pos
-            x_txt = self.dropout(self.layernorm_embedding(x_txt + self.type_embedding.weight[0]))
+            x_txt = self.dropout(self.layernorm_embedding(x_txt + self.type_embedding(_type_id(0, x_txt.device))))
             parts.append(x_txt)
             pads.append(input_ids.eq(self.cfg.pad_id))
             positions.append(self.pos_ln(text_pos)[None])

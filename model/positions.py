@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -89,7 +88,7 @@ class RelativeBuckets(nn.Module):
 
 def relative_bias(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
     """(Tq, Tk) bucket ids -> (heads, Tq, Tk) bias."""
-    return F.embedding(buckets, table.weight).permute(2, 0, 1)
+    return table(buckets).permute(2, 0, 1)  # called as a module: ZeRO-3 gathers its weight
 
 
 class AbsolutePositionBias(nn.Module):
