@@ -297,7 +297,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_train_config(load_params(args.params), args.stage, steps=args.steps, num_workers=args.workers,
                             zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init,
-                            batch_size=args.batch_size, metrics=args.metrics, size=args.size)
+                            batch_size=args.batch_size, metrics=args.metrics, size=args.size,
+                            use_gpu=args.use_gpu or None, precision=args.precision)
     result = train(cfg)
     print(f"trained ({cfg.stage}, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers): {result}; model in {cfg.out}")
 
@@ -553,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="where to save the trained model folder")
     tr.add_argument("--batch-size", type=int, help="override train.batch_size (per worker and micro-step)")
     tr.add_argument("--size", choices=list(SIZES), help="override train.size (must match --init's checkpoint)")
+    tr.add_argument("--use-gpu", action="store_true", help="one GPU per worker (override train.use_gpu)")
+    tr.add_argument("--precision", choices=["fp32", "bf16"], help="override train.precision (bf16 on GPU)")
     tr.add_argument("--metrics", help="write the final metrics (and the MLflow run id) to this JSON file")
     tr.set_defaults(func=cmd_train)
 
