@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from flows.ingest.schema import Record
 from flows.train.examples import (
+    FINETUNE_TASKS,
     Example,
     ImageCodes,
     caption_example,
@@ -126,7 +127,7 @@ class ExampleBuilder:
         return example if example is not None else self.own_task(record, rng)
 
     def _objective(self, objective: str, record: Record, rng: random.Random) -> Example | None:
-        if objective == record.task and objective in FINETUNE_OBJECTIVES:
+        if objective == record.task and objective in FINETUNE_TASKS:  # what make_example serves
             return self.own_task(record, rng)
         fn: Callable[..., Example | None] | None = {
             "caption": caption_example, "grounding": grounding_example,

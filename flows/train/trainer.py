@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.train.objectives import FINETUNE_OBJECTIVES
 from model.errors import GalenInputError
 
 STAGES = ("pretrain", "finetune")
-FINETUNE_TASKS = ("vqa", "caption", "classification", "nli", "summarization")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -38,7 +38,7 @@ class TrainConfig:
     stage: str = "finetune"
     size: str = "nano"
     init: str | None = None                 # model folder to start from (pretrained or imported)
-    tasks: list[str] = field(default_factory=lambda: list(FINETUNE_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(FINETUNE_OBJECTIVES))
     steps: int = 200
     batch_size: int = 8                     # per worker, per micro-step
     grad_accum: int = 1
