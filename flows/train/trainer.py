@@ -36,7 +36,7 @@ class TrainConfig:
     """params.yaml `train:` (shared) merged with `train.<stage>:` (per stage)."""
 
     stage: str = "finetune"
-    size: str = "nano"
+    size: str | None = "nano"               # None: the architecture of `init` (an imported checkpoint's)
     init: str | None = None                 # model folder to start from (pretrained or imported)
     tasks: list[str] = field(default_factory=lambda: list(FINETUNE_OBJECTIVES))
     steps: int = 200
@@ -87,6 +87,12 @@ class TrainConfig:
         problems = []
         if self.stage not in STAGES:
             problems.append(f"stage {self.stage!r} is not one of {STAGES}")
+        from model.config import SIZES
+
+        if self.size is None and not self.init:
+            problems.append("size is needed when training does not start from an init model folder")
+        if self.size is not None and self.size not in SIZES:
+            problems.append(f"size {self.size!r} is not one of {', '.join(SIZES)}")
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
@@ -130,6 +136,8 @@ def load_train_config(params: dict[str, Any], stage: str, **overrides: Any) -> T
     per_stage = {s: section.pop(s, None) or {} for s in STAGES}
     merged = {**section, **per_stage.get(stage, {}), "stage": stage,
               **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("init") is not None and overrides.get("size") is None:
+        merged["size"] = None  # `--init DIR` alone: the model is what DIR holds, whatever size params.yaml names
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(merged) - known)
     if unknown:
@@ -173,7 +181,7 @@ def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
     shards = Path(cfg.shards)
     if not (shards / "manifest.json").is_file():
         raise GalenInputError(f"no shards at {shards} (manifest.json missing); run `dvc repro shards` first")
-    if not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
+    if not (Path(cfg.tokenizer_dir()) / "tokenizer.json").is_file():
         raise GalenInputError(f"no tokenizer at {cfg.tokenizer}; run `dvc repro tokenizer` first")
     bad = [t for t in cfg.tasks if t not in TASKS]
     if bad:
@@ -226,14 +234,18 @@ def check_init_model(cfg: TrainConfig) -> None:
     from model.config import SIZES
 
     saved = json.loads(config_file.read_text())
-    expected = SIZES[cfg.size]
+    expected = SIZES[cfg.size] if cfg.size is not None else {}  # None: whatever architecture init holds
     differs = {k: (saved.get(k), v) for k, v in expected.items()
                if k in ("d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim")
                and saved.get(k) != v}
     if differs:
         detail = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differs.items())
+        own = saved.get("name")
+        fix = (f"set train.size to the checkpoint's size ({own})" if own in SIZES else
+               f"the checkpoint is a {own or 'custom'} architecture: leave --size out (the size then comes "
+               f"from --init), or set `size: null` under train.{cfg.stage} in params.yaml")
         raise GalenInputError(f"train.init={cfg.init} does not match train.size={cfg.size!r} ({detail}: checkpoint "
-                              f"vs size); set train.size to the checkpoint's size ({saved.get('name', '?')})")
+                              f"vs size); {fix}")
     model_vocab = saved.get("vocab_size")
     tok_dir = init if (init / "tokenizer.json").is_file() else Path(cfg.tokenizer)
     tok_size = len(GalenTokenizer.load(tok_dir))
