@@ -45,3 +45,14 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps
     n = int(keep.sum())
     denom = max(n, 1)
     return LossOutput(loss.sum() / denom, nll.sum() / denom, n)
+
+
+def contrastive_loss(rank: int = 0, world_size: int = 1) -> torch.nn.Module:
+    """Symmetric InfoNCE of a CLIP batch: (CE(image -> text) + CE(text -> image)) / 2 with the
+    learnable temperature `logit_scale` (= exp(log scale)). With several workers, open_clip's
+    ClipLoss gathers every worker's features *with gradients* and each worker scores its own rows
+    against all columns (`local_loss`): the mean over workers equals the loss of the concatenated
+    batch, and so do the averaged gradients. Every worker must pass the same batch size."""
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)

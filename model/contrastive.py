@@ -1,0 +1,428 @@
+"""The contrastive dual encoder (BiomedCLIP-style), built with open_clip.
+
+A model is an open_clip `CLIP` (native towers) or `CustomTextCLIP` (a transformers text tower)
+made from a named config in `CONFIGS` — the open_clip `model_cfg` dicts, as data:
+
+* `biomedclip`: BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 — timm `vit_base_patch16_224`
+  (CLS token, linear projection) and PubMedBERT (CLS of the last hidden state, MLP projection
+  768 -> 640 -> 512), context 256, embed dim 512. The BERT config is written here from PubMedBERT's
+  known dimensions, so the model is built without the hub (weights come from an imported folder).
+* `micro` / `small`: CPU-sized. open_clip's own ViT and text transformer over Galen's SentencePiece
+  tokenizer (EOS pooling; causal, so padding after EOS never reaches the pooled token).
+
+A model folder is an open_clip local directory: `open_clip_config.json` (+ a `galen` section naming
+the tokenizer kind) and `open_clip_model.safetensors`, so `open_clip.create_model_from_pretrained(
+"local-dir:<folder>")` loads it; plus the tokenizer files (Galen's, or BERT's `vocab.txt` ...).
+Official BiomedCLIP folders (`open_clip_pytorch_model.bin`, weights-only unpickling) load too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+OFFICIAL_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.safetensors")
+TEXT_ENCODER_DIR = "text_encoder"   # the transformers config of an HF text tower (read offline)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PUBMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+# PubMedBERT (BERT-base, uncased PubMed vocabulary): what the hub's config.json says, so no download is needed.
+PUBMEDBERT_CONFIG = {
+    "model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": 30522, "hidden_size": 768,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512,
+    "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+}
+
+# Native text towers read Galen's SentencePiece tokenizer (tokenizer.json + spm.model in the folder). open_clip
+# has no such tokenizer type; naming one makes `open_clip.get_tokenizer("local-dir:...")` fail loudly instead of
+# silently falling back to its own BPE, whose ids mean nothing to this model.
+GALEN_TOKENIZER = "galen-sentencepiece"
+
+# Named configs: open_clip model_cfg dicts. `vocab_size`, `pad_id`, `eos_id` of the native text
+# towers come from the tokenizer the model is built for.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "biomedclip": {
+        "embed_dim": 512,
+        "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                       "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": PUBMEDBERT, "hf_tokenizer_name": PUBMEDBERT, "hf_proj_type": "mlp",
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+    },
+    "micro": {  # CPU demos: trains in minutes on two cores
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "layers": 4, "width": 128, "head_width": 32},
+        "text_cfg": {"context_length": 64, "width": 128, "heads": 4, "layers": 3, "pool_type": "eos",
+                     "hf_tokenizer_name": GALEN_TOKENIZER},
+    },
+    "small": {
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 128, "patch_size": 16, "layers": 6, "width": 384, "head_width": 64},
+        "text_cfg": {"context_length": 128, "width": 256, "heads": 4, "layers": 6, "pool_type": "eos",
+                     "hf_tokenizer_name": GALEN_TOKENIZER},
+    },
+}
+
+
+def config_names() -> list[str]:
+    return sorted(CONFIGS)
+
+
+@dataclass
+class ClipSpec:
+    """Everything needed to rebuild a model: the open_clip model_cfg, preprocessing, the tokenizer
+    kind (`galen`: Galen's SentencePiece tokenizer; `hf`: a transformers tokenizer in the folder)
+    and, for an HF text tower, its transformers config (so building never needs the hub)."""
+
+    name: str
+    model_cfg: dict[str, Any]
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    tokenizer: str = "galen"
+    hf_text_config: dict[str, Any] | None = None
+
+    @property
+    def image_size(self) -> int:
+        size = self.model_cfg["vision_cfg"].get("image_size", 224)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model_cfg["text_cfg"].get("context_length", 77))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def hf_text(self) -> bool:
+        return bool(self.model_cfg["text_cfg"].get("hf_model_name"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_cfg": self.model_cfg, "preprocess_cfg": {"mean": list(self.mean), "std": list(self.std)},
+                "galen": {"config": self.name, "tokenizer": self.tokenizer}}
+
+
+def get_spec(name: str, tokenizer: Any = None) -> ClipSpec:
+    """The named config, completed for `tokenizer` (a GalenTokenizer) when its text tower is native."""
+    if name not in CONFIGS:
+        raise GalenConfigError(f"unknown contrastive config {name!r}; known: {', '.join(config_names())}")
+    cfg = copy.deepcopy(CONFIGS[name])
+    if cfg["text_cfg"].get("hf_model_name"):
+        return ClipSpec(name, cfg, tokenizer="hf", hf_text_config=dict(PUBMEDBERT_CONFIG))
+    if tokenizer is None:
+        raise GalenConfigError(f"config {name!r} has a native text tower sized by its tokenizer; pass the Galen "
+                               "tokenizer (e.g. artifacts/tokenizer)")
+    cfg["text_cfg"].update(vocab_size=len(tokenizer), pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+    return ClipSpec(name, cfg, tokenizer="galen")
+
+
+def build_clip(spec: ClipSpec) -> torch.nn.Module:
+    """An open_clip model for `spec`, randomly initialised. An HF text tower is built from
+    `spec.hf_text_config` through a temporary local config folder (transformers reads a folder
+    offline), then the config keeps the tower's public name."""
+    import open_clip
+
+    cfg = copy.deepcopy(spec.model_cfg)
+    cfg.pop("custom_text", None)
+    if not spec.hf_text:
+        return open_clip.CLIP(**cfg, output_dict=True)
+    if not spec.hf_text_config:
+        raise GalenConfigError(f"config {spec.name!r} has a transformers text tower but no text encoder config; "
+                               f"the folder needs {TEXT_ENCODER_DIR}/config.json")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(spec.hf_text_config))
+        cfg["text_cfg"] = {**cfg["text_cfg"], "hf_model_name": d, "hf_model_pretrained": False}
+        return open_clip.CustomTextCLIP(**cfg, output_dict=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------------------------------
+class GalenTextEncoder:
+    """Galen's SentencePiece tokenizer as CLIP text input: `<bos> text <eos>`, cut to the context
+    (EOS kept last: the tower pools at EOS) and right-padded."""
+
+    def __init__(self, tokenizer: Any, context_length: int) -> None:
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.vocab_size = len(tokenizer)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        ids = torch.full((len(texts), self.context_length), self.tokenizer.pad_id, dtype=torch.long)
+        for k, text in enumerate(texts):
+            row = [self.tokenizer.bos_id, *self.tokenizer.encode(text)][: self.context_length - 1]
+            row.append(self.tokenizer.eos_id)
+            ids[k, : len(row)] = torch.tensor(row)
+        return ids
+
+    def save(self, folder: Path) -> None:
+        self.tokenizer.save(folder)
+
+
+class HFTextEncoder:
+    """A transformers tokenizer read from local files (vocab.txt, tokenizer_config.json ...),
+    padded to the context as open_clip does."""
+
+    def __init__(self, folder: str | Path, context_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable tokenizer file is the same bad input
+            raise GalenCheckpointError(f"the tokenizer files in {folder} cannot be read ({type(e).__name__}: {e}); "
+                                       "copy vocab.txt, tokenizer_config.json and special_tokens_map.json from "
+                                       "the model's release next to its weights") from e
+        self.context_length = context_length
+        self.vocab_size = len(self.tokenizer)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        out = self.tokenizer(list(texts), return_tensors="pt", max_length=self.context_length,
+                             padding="max_length", truncation=True)
+        return out.input_ids
+
+    def save(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------
+def check_texts(texts: Any, what: str = "texts") -> list[str]:
+    """A non-empty list of non-blank strings, or a GalenInputError saying which entry is wrong."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+        raise GalenInputError(f"{what} must be a non-empty list of strings")
+    for k, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise GalenInputError(f"{what}[{k}] must be a non-empty string, got {t!r}")
+    return list(texts)
+
+
+def check_labels(labels: Any) -> list[str]:
+    """Zero-shot labels: non-empty, no blanks, no duplicates (a duplicate would split its probability)."""
+    labels = check_texts(labels, "labels")
+    seen: dict[str, int] = {}
+    for k, label in enumerate(labels):
+        key = label.strip().lower()
+        if key in seen:
+            raise GalenInputError(f"labels[{k}] {label!r} duplicates labels[{seen[key]}]; give each class once")
+        seen[key] = k
+    if len(labels) < 2:
+        raise GalenInputError("zero-shot classification needs at least two labels to choose between")
+    return labels
+
+
+DEFAULT_TEMPLATES = ("{}.", "a medical image of {}.", "an image showing {}.", "this is a photo of {}.")
+
+
+class ContrastiveModel:
+    """An open_clip model with its tokenizer and preprocessing: normalized embeddings, zero-shot
+    classification and similarity, batched; the one inference API that evaluation, the pyfunc
+    model and serving use."""
+
+    def __init__(self, clip: torch.nn.Module, spec: ClipSpec, text_encoder: Any) -> None:
+        from open_clip.transform import image_transform
+
+        self.clip, self.spec, self.text_encoder = clip.eval(), spec, text_encoder
+        self.preprocess = image_transform(spec.image_size, is_train=False, mean=spec.mean, std=spec.std)
+        tower_vocab = _text_vocab_size(clip)
+        if tower_vocab and text_encoder.vocab_size > tower_vocab:
+            raise GalenCheckpointError(f"the tokenizer has {text_encoder.vocab_size} entries but the text tower's "
+                                       f"embedding table has {tower_vocab}; use the tokenizer the model was made with")
+
+    # ------------------------------------------------------------------ building and files
+    @classmethod
+    def create(cls, name: str, tokenizer: Any = None, seed: int | None = None) -> "ContrastiveModel":
+        """A fresh, randomly initialised model of a named config (for `biomedclip` there is no
+        tokenizer to make here: import a release folder instead)."""
+        spec = get_spec(name, tokenizer)
+        if seed is not None:
+            torch.manual_seed(seed)
+        clip = build_clip(spec)
+        if spec.tokenizer != "galen":
+            raise GalenConfigError(f"config {name!r} uses {PUBMEDBERT}'s tokenizer, which cannot be downloaded here; "
+                                   "import a BiomedCLIP folder with `galen clip import`")
+        return cls(clip, spec, GalenTextEncoder(tokenizer, spec.context_length))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """An open_clip local-dir folder: config, safetensors weights, tokenizer files."""
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "galen_format": "contrastive"})
+        tmp.replace(out / WEIGHTS_FILE)
+        (out / CONFIG_FILE).write_text(json.dumps(self.spec.to_json(), indent=2) + "\n")
+        if self.spec.hf_text_config:
+            (out / TEXT_ENCODER_DIR).mkdir(exist_ok=True)
+            (out / TEXT_ENCODER_DIR / "config.json").write_text(json.dumps(self.spec.hf_text_config, indent=2) + "\n")
+        self.text_encoder.save(out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "ContrastiveModel":
+        """Load a Galen-saved or an official open_clip/BiomedCLIP folder, offline."""
+        folder = Path(folder)
+        spec = read_spec(folder)
+        weights = next((folder / n for n in (WEIGHTS_FILE, *OFFICIAL_WEIGHTS) if (folder / n).is_file()), None)
+        if weights is None:
+            raise GalenCheckpointError(f"{folder} has no weights ({', '.join((WEIGHTS_FILE, *OFFICIAL_WEIGHTS))}); "
+                                       "copy the weights file next to open_clip_config.json")
+        clip = build_clip(spec)
+        load_weights(clip, weights)
+        if spec.tokenizer == "galen":
+            from model.tokenizer import GalenTokenizer
+
+            text_encoder: Any = GalenTextEncoder(GalenTokenizer.load(folder), spec.context_length)
+        else:
+            text_encoder = HFTextEncoder(folder, spec.context_length)
+        return cls(clip, spec, text_encoder)
+
+    # ------------------------------------------------------------------ inference
+    def image_tensor(self, images: Sequence[Any]) -> torch.Tensor:
+        """Decode (PIL, arrays, PNG/JPEG/DICOM bytes) and preprocess a batch of images."""
+        from model.vision import load_image
+
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or not images:
+            raise GalenInputError("images must be a non-empty list")
+        return torch.stack([self.preprocess(load_image(im)) for im in images])
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        """(N, embed_dim) L2-normalized image embeddings."""
+        pixels = images if isinstance(images, torch.Tensor) else self.image_tensor(images)
+        return torch.cat([self.clip.encode_image(pixels[i:i + batch_size], normalize=True)
+                          for i in range(0, len(pixels), batch_size)]).float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """(N, embed_dim) L2-normalized text embeddings."""
+        ids = self.text_encoder(check_texts(texts))
+        return torch.cat([self.clip.encode_text(ids[i:i + batch_size], normalize=True)
+                          for i in range(0, len(ids), batch_size)]).float()
+
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+        """(C, embed_dim): per class, the normalized mean of its normalized template embeddings."""
+        labels = check_labels(labels)
+        templates = check_texts(templates, "templates")
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad:
+            raise GalenInputError(f"each template needs exactly one '{{}}' for the label, got {bad}")
+        emb = self.encode_texts([t.format(label) for label in labels for t in templates])
+        emb = emb.view(len(labels), len(templates), -1).mean(1)
+        return F.normalize(emb, dim=-1)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().exp().clamp(max=100))
+
+    def zero_shot(self, image_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, C) class probabilities: softmax of the scaled cosine similarities."""
+        check_same_dim(image_embeddings, class_embeddings)
+        return (self.logit_scale * image_embeddings @ class_embeddings.T).softmax(dim=-1)
+
+    def classify(self, images: Sequence[Any], labels: Sequence[str],
+                 templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+        return self.zero_shot(self.encode_images(images), self.class_embeddings(labels, templates))
+
+
+def check_same_dim(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Embeddings compared with each other must come from the same embedding space size."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[-1] != b.shape[-1]:
+        raise GalenInputError(f"embedding sizes do not match ({tuple(a.shape)} vs {tuple(b.shape)}); compare "
+                              "embeddings made by the same model")
+
+
+def _text_vocab_size(clip: torch.nn.Module) -> int | None:
+    emb = getattr(clip, "token_embedding", None)
+    if emb is None:
+        text = getattr(clip, "text", None)
+        emb = getattr(getattr(text, "transformer", None), "get_input_embeddings", lambda: None)()
+    return None if emb is None else int(emb.weight.shape[0])
+
+
+def read_spec(folder: Path) -> ClipSpec:
+    """The spec of a model folder (Galen-written or an official open_clip release)."""
+    from model.errors import read_json
+
+    if not folder.is_dir():
+        raise GalenCheckpointError(f"model folder {folder} does not exist")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise GalenCheckpointError(f"{folder} has no {CONFIG_FILE}; a contrastive model folder is an open_clip "
+                                   "local directory (open_clip_config.json + weights + tokenizer files)")
+    hint = "copy open_clip_config.json from the model's release"
+    data = read_json(path, dict, hint, GalenCheckpointError)
+    model_cfg = data.get("model_cfg")
+    if not isinstance(model_cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
+        raise GalenCheckpointError(f"{path} has no model_cfg with embed_dim, vision_cfg and text_cfg; {hint}")
+    pre = data.get("preprocess_cfg") or {}
+    galen = data.get("galen") or {}
+    hf = bool(model_cfg["text_cfg"].get("hf_model_name"))
+    hf_config = None
+    if hf:
+        local = folder / TEXT_ENCODER_DIR / "config.json"
+        if local.is_file():
+            hf_config = read_json(local, dict, "re-import the model", GalenCheckpointError)
+        elif model_cfg["text_cfg"]["hf_model_name"] in (PUBMEDBERT, "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"):
+            hf_config = dict(PUBMEDBERT_CONFIG)
+        else:
+            raise GalenCheckpointError(
+                f"{path} names the text model {model_cfg['text_cfg']['hf_model_name']!r}, whose config cannot be "
+                f"downloaded here; put its config.json at {folder / TEXT_ENCODER_DIR / 'config.json'}")
+    return ClipSpec(name=str(galen.get("config", "imported")), model_cfg=model_cfg,
+                    mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
+                    tokenizer=str(galen.get("tokenizer", "hf" if hf else "galen")), hf_text_config=hf_config)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights of a file: safetensors, or a torch file through the weights-only unpickler."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable weights, whatever the reason
+        raise GalenCheckpointError(f"{path} cannot be read as weights ({type(e).__name__}: {e}); re-download it "
+                                   "(torch files are read with weights_only=True: no code runs)") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise GalenCheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_weights(clip: torch.nn.Module, path: Path) -> None:
+    """Load strictly; every missing, unexpected or mis-shaped tensor is named in one error."""
+    state = read_state_dict(path)
+    state.pop("text.transformer.embeddings.position_ids", None)  # a buffer older transformers saved
+    own = clip.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)
+              and not (k.startswith("logit_") and state[k].numel() == v.numel())]  # scalar vs [1]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:8]}" if missing else "", f"unexpected {unexpected[:8]}" if unexpected else "",
+                 f"shape mismatches (file vs config) {shapes[:8]}" if shapes else ""]
+        raise GalenCheckpointError(f"{path} does not fit {CONFIG_FILE} ({'; '.join(p for p in parts if p)}); the "
+                                   "config and the weights must come from the same model")
+    for k in ("logit_scale", "logit_bias"):
+        if k in state:
+            state[k] = state[k].reshape(own[k].shape)
+    clip.load_state_dict(state, strict=True)

@@ -1,0 +1,243 @@
+"""The contrastive model: loss against a hand computation, gathering across two real gloo workers,
+open_clip interop both ways (our export loads in open_clip; a BiomedCLIP-layout folder loads in
+Galen offline) and the bad inputs that must fail loudly."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.contrastive import (CONFIG_FILE, ContrastiveModel, build_clip, get_spec, load_weights)
+from model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
+from model.losses import contrastive_loss
+
+
+def _png(seed: int, size: int = 96) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def test_loss_equals_hand_computation():
+    img = F.normalize(torch.tensor([[1.0, 0.0, 0.2], [0.1, 1.0, 0.0], [0.3, 0.3, 1.0]]), dim=-1)
+    txt = F.normalize(torch.tensor([[0.9, 0.1, 0.0], [0.0, 1.0, 0.4], [0.5, 0.0, 0.8]]), dim=-1)
+    scale = 10.0
+    sim = [[float(img[i] @ txt[j]) * scale for j in range(3)] for i in range(3)]
+
+    def ce(rows):  # mean over rows of -log softmax(row)[own index]
+        return sum(math.log(sum(math.exp(v) for v in r)) - r[i] for i, r in enumerate(rows)) / len(rows)
+
+    by_column = [[sim[j][i] for j in range(3)] for i in range(3)]
+    expected = (ce(sim) + ce(by_column)) / 2
+    got = contrastive_loss()(img, txt, torch.tensor(scale))
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # a perfect match with a large scale costs almost nothing; swapping two captions costs a lot
+    assert float(contrastive_loss()(img, img, torch.tensor(100.0))) < 1e-3
+    assert float(contrastive_loss()(img, img[[1, 0, 2]], torch.tensor(100.0))) > 10
+
+
+def _towers(seed: int = 0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(6, 4), torch.nn.Linear(5, 4), torch.nn.Parameter(torch.tensor(2.0))
+
+
+def _loss_and_grads(images, texts, rank=0, world=1):
+    vis, txt, log_scale = _towers()
+    loss = contrastive_loss(rank, world)(F.normalize(vis(images), dim=-1), F.normalize(txt(texts), dim=-1),
+                                         log_scale.exp())
+    loss.backward()
+    return loss.detach(), [p.grad for p in (*vis.parameters(), *txt.parameters(), log_scale)]
+
+
+def _worker(rank: int, port: int, images, texts, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    half = len(images) // 2
+    loss, grads = _loss_and_grads(images[rank * half:(rank + 1) * half], texts[rank * half:(rank + 1) * half],
+                                  rank, 2)
+    for g in grads:  # what DDP / DeepSpeed do with the gradients: average over workers
+        dist.all_reduce(g)
+        g /= 2
+    dist.all_reduce(loss)
+    if rank == 0:
+        queue.put((float(loss) / 2, [g.numpy().copy() for g in grads]))  # by value, not shared memory
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_gathering_workers_equal_one_process_on_the_whole_batch():
+    torch.manual_seed(1)
+    images, texts = torch.randn(8, 6), torch.randn(8, 5)
+    full_loss, full_grads = _loss_and_grads(images, texts)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, images, texts, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    loss, grads = queue.get(timeout=120)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert loss == pytest.approx(float(full_loss), rel=1e-5)
+    for g, ref in zip(grads, full_grads):
+        torch.testing.assert_close(torch.from_numpy(g), ref, rtol=1e-5, atol=1e-6)
+    # without the gathered columns the loss is a different (easier) one: the test can tell them apart
+    half_loss, _ = _loss_and_grads(images[:4], texts[:4])
+    assert abs(float(half_loss) - float(full_loss)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- interop
+@pytest.fixture(scope="module")
+def micro(demo_tokenizer):
+    return ContrastiveModel.create("micro", demo_tokenizer, seed=0)
+
+
+def test_export_loads_in_open_clip_with_the_same_embeddings(micro, tmp_path):
+    import open_clip
+
+    micro.save_pretrained(tmp_path / "m")
+    clip, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{tmp_path / 'm'}")
+    clip.eval()
+    images = [Image.open(io.BytesIO(_png(k))) for k in range(3)]
+    texts = ["is there a nodule?", "the heart is enlarged"]
+    with torch.no_grad():
+        theirs_img = clip.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
+        theirs_txt = clip.encode_text(micro.text_encoder(texts), normalize=True)
+    torch.testing.assert_close(theirs_img, micro.encode_images(images), rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs_txt, micro.encode_texts(texts), rtol=0, atol=1e-5)
+    again = ContrastiveModel.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(again.encode_texts(texts), micro.encode_texts(texts))
+    with pytest.raises(Exception):  # open_clip's own BPE would give ids meaningless to this model: refused
+        open_clip.get_tokenizer(f"local-dir:{tmp_path / 'm'}")
+
+
+BERT_VOCAB = ["[PAD]", *[f"[unused{i}]" for i in range(99)], "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+              "the", "heart", "is", "enlarged", "nodule", "lung", "a", "of", "image", "there", "no", "."]
+
+
+def _biomedclip_release(folder, seed: int = 0) -> torch.nn.Module:
+    """An official-layout BiomedCLIP folder (random weights in the real key layout): open_clip_config.json
+    as the release has it, open_clip_pytorch_model.bin (torch.save), BERT tokenizer files."""
+    spec = get_spec("biomedclip")
+    torch.manual_seed(seed)
+    clip = build_clip(spec)
+    folder.mkdir()
+    config = {"model_cfg": spec.model_cfg, "preprocess_cfg": {"mean": list(spec.mean), "std": list(spec.std)}}
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    state = clip.state_dict()
+    state["text.transformer.embeddings.position_ids"] = torch.arange(512)[None]  # older transformers saved it
+    torch.save(state, folder / "open_clip_pytorch_model.bin")
+    (folder / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 256,
+                                                              "tokenizer_class": "BertTokenizer"}))
+    return clip.eval()
+
+
+@pytest.fixture(scope="module")
+def biomedclip_release(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("release") / "BiomedCLIP"
+    return folder, _biomedclip_release(folder)
+
+
+def test_official_biomedclip_folder_loads_offline(biomedclip_release, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, reference = biomedclip_release
+    model = ContrastiveModel.from_pretrained(folder)
+    assert model.spec.embed_dim == 512 and model.spec.context_length == 256 and model.spec.image_size == 224
+    ids = model.text_encoder(["The heart is enlarged."])
+    assert ids.shape == (1, 256) and ids[0, 0] == BERT_VOCAB.index("[CLS]")
+    assert ids[0, 1:5].tolist() == [BERT_VOCAB.index(w) for w in ("the", "heart", "is", "enlarged")]
+    with torch.no_grad():
+        want = F.normalize(reference.encode_text(ids), dim=-1)
+    torch.testing.assert_close(model.encode_texts(["The heart is enlarged."]), want)
+    image = Image.open(io.BytesIO(_png(3, 240)))
+    with torch.no_grad():
+        want = F.normalize(reference.encode_image(model.preprocess(image)[None]), dim=-1)
+    torch.testing.assert_close(model.encode_images([image]), want)
+    # and back out as our folder (safetensors + the BERT config), which reloads the same, offline
+    model.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "text_encoder" / "config.json").is_file()
+    torch.testing.assert_close(ContrastiveModel.from_pretrained(tmp_path / "ours").encode_images([image]),
+                               model.encode_images([image]))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_mismatched_weights_and_tokenizers_are_refused(micro, tmp_path, demo_tokenizer):
+    micro.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    config["model_cfg"]["embed_dim"] = 64
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(GalenCheckpointError, match="shape mismatches.*text_projection"):
+        ContrastiveModel.from_pretrained(tmp_path / "m")
+
+    spec = get_spec("micro", demo_tokenizer)
+    clip = build_clip(spec)
+    with pytest.raises(GalenCheckpointError, match="cannot be read as weights"):
+        (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
+        load_weights(clip, tmp_path / "junk.bin")
+
+    class Bigger:  # a tokenizer with more ids than the text tower has embeddings
+        pad_id, eos_id, bos_id = demo_tokenizer.pad_id, demo_tokenizer.eos_id, demo_tokenizer.bos_id
+
+        def __len__(self):
+            return len(demo_tokenizer) + 10
+
+    from model.contrastive import GalenTextEncoder
+
+    with pytest.raises(GalenCheckpointError, match="tokenizer has .* entries but the text tower"):
+        ContrastiveModel(clip, spec, GalenTextEncoder(Bigger(), spec.context_length))
+    with pytest.raises(GalenConfigError, match="unknown contrastive config"):
+        get_spec("vit-huge", demo_tokenizer)
+
+
+def test_broken_tokenizer_files_are_refused(biomedclip_release, tmp_path):
+    import shutil
+
+    folder, _ = biomedclip_release
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "vocab.txt").unlink()
+    (broken / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(GalenCheckpointError, match="tokenizer files"):
+        ContrastiveModel.from_pretrained(broken)
+
+
+def test_bad_inference_inputs(micro):
+    with pytest.raises(GalenInputError, match="labels must be a non-empty list"):
+        micro.class_embeddings([])
+    with pytest.raises(GalenInputError, match="duplicates labels"):
+        micro.class_embeddings(["nodule", "effusion", "Nodule"])
+    with pytest.raises(GalenInputError, match="at least two labels"):
+        micro.class_embeddings(["nodule"])
+    with pytest.raises(GalenInputError, match=r"texts\[1\] must be a non-empty string"):
+        micro.encode_texts(["fine", "  "])
+    with pytest.raises(GalenInputError, match="cannot be decoded"):
+        micro.encode_images([b"this is not an image"])
+    with pytest.raises(GalenInputError, match="exactly one"):
+        micro.class_embeddings(["a", "b"], templates=["no placeholder"])
+    with pytest.raises(GalenInputError, match="embedding sizes do not match"):
+        micro.zero_shot(torch.randn(2, 128), torch.randn(3, 64))
+
+
+def test_zero_shot_probabilities(micro):
+    probs = micro.classify([_png(0), _png(1)], ["nodule", "effusion", "normal"])
+    assert probs.shape == (2, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    # class embeddings average the templates: one template alone gives a different (still unit) vector
+    avg = micro.class_embeddings(["nodule", "effusion"])
+    one = micro.class_embeddings(["nodule", "effusion"], templates=["{}."])
+    torch.testing.assert_close(avg.norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(avg, one)
