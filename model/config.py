@@ -63,7 +63,7 @@ class GalenConfig:
     head_scale: bool = True            # one learnable scalar per head (--scale-heads)
     encoder_entangle_positions: bool = False  # add absolute positions to encoder embeddings too
     decoder_entangle_positions: bool = False  # fairseq adds them unless --disable-entangle (released runs set it)
-    freeze_batchnorm: bool = False     # keep backbone BatchNorm in eval mode while training
+    freeze_batchnorm: bool = False     # backbone BatchNorm fixed while training: statistics and affine (--freeze-resnet)
     code_layernorm_embedding: bool = True
 
     # special ids of the unified vocabulary

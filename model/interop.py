@@ -166,6 +166,9 @@ def infer_config(hf_state: Mapping[str, torch.Tensor], meta: Any) -> GalenConfig
         raise GalenCheckpointError("the checkpoint has NormFormer norms after attention but not in the FFN (or the "
                                    "reverse); Galen's `normformer` switch covers both together")
     disable_entangle = _meta_value(meta, "disable_entangle", default=None)
+    if _meta_value(meta, "sync_bn", default=False):
+        raise GalenCheckpointError("the checkpoint was trained with --sync-bn, whose BatchNorm layers use eps 1e-3; "
+                                   "Galen's backbone uses the standard 1e-5 and would compute something else")
     fields = dict(
         vocab_size=int(vocab), d_model=int(d_model), attention_heads=int(heads),
         encoder_layers=_count(hf_state, r"^encoder\.layers\.(\d+)\."),
@@ -241,6 +244,15 @@ def _untie(hf_state: dict[str, torch.Tensor]) -> None:
                                        "embedding matrix (share_all_embeddings), as every released checkpoint does")
 
 
+def _frozen_batchnorm_counters(hf_state: dict[str, torch.Tensor], cfg: GalenConfig) -> None:
+    """A model trained with --freeze-resnet holds FrozenBatchNorm2d layers, which save no
+    `num_batches_tracked`; Galen's (frozen) BatchNorm has the counter, and it is never used."""
+    if not cfg.freeze_batchnorm:
+        return
+    for key in [k for k in hf_state if k.startswith("encoder.embed_images.") and k.endswith(".running_mean")]:
+        hf_state.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+
+
 def to_galen_state(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {hf_to_galen_key(k): v for k, v in hf_state.items()
             if k not in REFERENCE_BUFFERS and k not in REFERENCE_TIED}
@@ -292,6 +304,7 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
     cfg = infer_config(hf_state, meta)
     _check_buffers(hf_state, cfg)
     _untie(hf_state)
+    _frozen_batchnorm_counters(hf_state, cfg)
     model = GalenModel(cfg)
     load_state_strict(model, to_galen_state(hf_state), source=str(path))
     return ImportedCheckpoint(model.eval(), layout, str(path), use_ema, meta)
@@ -320,6 +333,7 @@ def hf_config(cfg: GalenConfig) -> dict[str, Any]:
         "image_bucket_size": cfg.image_bucket_size, "attn_scale_factor": cfg.attn_scale_factor,
         "code_image_size": cfg.code_image_size, "resnet_type": BACKBONE_NAMES[cfg.resnet_depths],
         "normformer": cfg.normformer, "entangle_position_embedding": cfg.encoder_entangle_positions,
+        "freeze_resnet": cfg.freeze_batchnorm,  # not read by the port; kept so a re-import is lossless
         "code_layernorm_embedding": cfg.code_layernorm_embedding, "add_type_embedding": True,
         "layernorm_embedding": True, "patch_layernorm_embedding": True, "encoder_normalize_before": True,
         "decoder_normalize_before": True, "scale_embedding": False, "share_decoder_input_output_embed": True,

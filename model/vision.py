@@ -34,10 +34,15 @@ class ResNetStages(nn.Module):
         self.conv1, self.bn1, self.act1, self.maxpool = full.conv1, full.bn1, full.act1, full.maxpool
         self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
         self.freeze_batchnorm = freeze_batchnorm
+        if freeze_batchnorm:  # the reference's --freeze-resnet (FrozenBatchNorm2d): scale and shift fixed too
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False)
+                    m.bias.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ResNetStages":
         super().train(mode)
-        if self.freeze_batchnorm:  # reference fine-tuning option: BatchNorm statistics stay fixed
+        if self.freeze_batchnorm:  # ... and the running statistics are never updated
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()

@@ -55,6 +55,25 @@ def test_fidelity_switches_change_the_architecture():
     assert "decoder.layers.0.cross_attn_mid_layer_norm.weight" in full_keys
 
 
+def test_frozen_batchnorm_keeps_statistics_and_affine_fixed_while_training():
+    """The reference's --freeze-resnet (FrozenBatchNorm2d): nothing of the backbone's BatchNorm moves."""
+    def train_one_step(model):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(ids([0, 5, 6, 2]), ids([0, 7, 8]), images=torch.randn(1, 3, 128, 128)).logits.sum().backward()
+        opt.step()
+        after = model.state_dict()
+        return {k for k in before if not torch.equal(before[k], after[k])}
+
+    bn = ("running_mean", "running_var", "num_batches_tracked", "bn1.weight", "bn1.bias", "bn3.bias")
+    frozen = train_one_step(nano(V, freeze_batchnorm=True))
+    assert "encoder.embed_images.conv1.weight" in frozen and "encoder.layers.0.ffn.fc1.weight" in frozen
+    assert not [k for k in frozen if "embed_images" in k and k.endswith(bn)]
+    trainable = train_one_step(nano(V))
+    assert "encoder.embed_images.bn1.running_mean" in trainable and "encoder.embed_images.bn1.weight" in trainable
+
+
 def test_one_shared_embedding_matrix():
     model = nano(V)
     assert sum(p.numel() == V * model.cfg.d_model for p in model.parameters()) == 1

@@ -141,6 +141,33 @@ def test_entangled_decoder_positions_follow_the_fairseq_flag(tmp_path, fairseq_c
         assert_reproduces_reference(model, case)
 
 
+def test_frozen_resnet_checkpoint_without_batchnorm_counters_imports_and_round_trips(tmp_path, fairseq_ckpt, case):
+    """--freeze-resnet models hold FrozenBatchNorm2d layers, which save no num_batches_tracked."""
+    ckpt = read_torch_file(fairseq_ckpt)
+    ckpt["args"].freeze_resnet = True
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.endswith("num_batches_tracked")}
+    torch.save(ckpt, tmp_path / "frozen.pt")
+    model = import_reference(tmp_path / "frozen.pt", "fairseq").model
+    assert model.cfg.freeze_batchnorm is True
+    assert not model.encoder.embed_images.bn1.weight.requires_grad
+    assert_reproduces_reference(model, case)
+    export_hf_ofa(model, tmp_path / "hf")
+    again = import_reference(tmp_path / "hf", "hf").model
+    assert again.cfg == model.cfg
+    ckpt["args"].freeze_resnet = False  # counters missing without the flag: a strict failure naming them
+    torch.save(ckpt, tmp_path / "unfrozen.pt")
+    with pytest.raises(GalenCheckpointError, match=r"missing: encoder\.embed_images\..*num_batches_tracked"):
+        import_reference(tmp_path / "unfrozen.pt", "fairseq")
+
+
+def test_sync_batchnorm_checkpoint_is_refused(tmp_path, fairseq_ckpt):
+    ckpt = read_torch_file(fairseq_ckpt)
+    ckpt["args"].sync_bn = True
+    torch.save(ckpt, tmp_path / "sync.pt")
+    with pytest.raises(GalenCheckpointError, match="--sync-bn"):
+        import_reference(tmp_path / "sync.pt", "fairseq")
+
+
 def test_import_export_import_is_lossless_and_weights_stay_tied(tmp_path, fairseq_ckpt, case):
     first = import_reference(fairseq_ckpt, "fairseq").model
     export_hf_ofa(first, tmp_path / "out")
