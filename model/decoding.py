@@ -12,12 +12,21 @@ closed-set answering modes of the reference.
   Both normalise the next-token distribution over the allowed tokens only (as the reference does),
   so with length_penalty=0 they maximise the same score. Each sample of a batch may have its own
   candidate set.
+* `closed_set_answers` answers a batch of closed-set questions from ONE encoder pass: every
+  candidate of every sample is scored in one teacher-forced decoder pass over that encoder output
+  (cross-attention keys/values projected once per sample, not once per candidate). A trie search
+  whose beam holds the whole candidate set is exhaustive, so its pick is exactly the best-scoring
+  candidate; only samples with more candidates than the beam run the search.
+* Constrained rows only ever need the logits of the tokens their trie/lattice allows: the search
+  projects onto that union of tokens (e.g. 1,000 location bins) instead of the whole vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +76,27 @@ class CandidateTrie:
 
     def index_of(self, sequence: Sequence[int]) -> int:
         return self.sequences.index(list(sequence))
+
+    def allowed_per_step(self) -> list[list[list[int]]]:
+        """Per candidate, the tokens the trie allows at each of its positions (what the scoring
+        normalises over); walked once per trie and kept, as tries are reused across batches."""
+        if getattr(self, "_allowed", None) is None:
+            out = []
+            for seq in self.sequences:
+                node, lists = self.root, []
+                for tok in seq:
+                    lists.append(list(node))
+                    node = node[tok]
+                out.append(lists)
+            self._allowed = out
+        return self._allowed
+
+    def search_is_exhaustive(self, beam_size: int, banned: Sequence[int] = ()) -> bool:
+        """True when a trie-constrained beam search (length_penalty 0) with this beam must find the
+        best-scoring candidate: the beam holds every candidate's prefix at every step, no candidate
+        is only an eos (min_length 1 bans it) and none uses a token the search never emits."""
+        return len(self.sequences) <= beam_size and all(
+            len(seq) >= 2 and not any(t in banned for t in seq) for seq in self.sequences)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -128,12 +158,14 @@ class _DecoderState:
         self.encoder = encoder
         self.cache: DecoderCache | None = model.init_cache(encoder, max_length, code_masks) if use_cache else None
 
-    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (N, V) for the position after `tokens` (N, t); only the last token is new."""
+    def next_logits(self, tokens: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, V) for the position after `tokens` (N, t); only the last token is new. With
+        `columns` (vocabulary ids) only those logits, (N, len(columns))."""
         if self.cache is not None:
-            return self.model.step(tokens[:, -1:], self.cache)[:, -1]
-        hidden = self.model.decode(tokens, self.encoder, self.code_masks)
-        return self.model.logits(hidden[:, -1])
+            hidden = self.model.decoder.step(self.model.embed_tokens(tokens[:, -1:]), self.cache)[:, -1]
+        else:
+            hidden = self.model.decode(tokens, self.encoder, self.code_masks)[:, -1]
+        return _project(self.model, hidden, columns)
 
     def reorder(self, index: torch.Tensor, static_index: torch.Tensor | None) -> None:
         """`index`: new rows of the generated prefix; `static_index`: rows of the per-sample state
@@ -147,6 +179,28 @@ class _DecoderState:
 
 
 Constraint = Union[CandidateTrie, TokenLattice]
+
+
+def _project(model: GalenModel, hidden: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """Output logits for all vocabulary ids, or only for `columns`."""
+    if columns is None:
+        return model.logits(hidden)
+    return hidden @ model.embed_tokens.weight[columns].t()
+
+
+@contextlib.contextmanager
+def _eval(model: GalenModel) -> Iterator[None]:
+    """Decode in eval mode (no dropout) and give the caller back the mode it had (a model already
+    in eval mode, as a predictor's is, is not walked at all: that walk costs milliseconds)."""
+    was_training = model.training
+    if not was_training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _constraint_nodes(constraints, batch: int) -> list[Constraint | None]:
@@ -165,33 +219,54 @@ def _banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
     return [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == key]
 
 
+def _search_columns(nodes: list, eos_id: int, device: torch.device) -> tuple[torch.Tensor, list[int]] | None:
+    """The vocabulary ids any row may emit at this step when every row is constrained (their
+    union; a finished path allows only eos), else None: logits are then needed for those ids only."""
+    if any(node is None for node in nodes):
+        return None
+    union: set[int] = set()
+    for node in {id(n): n for n in nodes}.values():
+        union.update(node if node else (eos_id,))
+    ids = sorted(union)
+    return torch.tensor(ids, dtype=torch.long, device=device), ids
+
+
 def _apply_rules(logits: torch.Tensor, model: GalenModel, prefixes: list[list[int]], nodes: list,
-                 step: int, cfg: GenerationConfig) -> torch.Tensor:
-    """Log-probabilities (N, V) after constraints, length rules and n-gram blocking."""
+                 step: int, cfg: GenerationConfig, columns: list[int] | None = None) -> torch.Tensor:
+    """Log-probabilities after constraints, length rules and n-gram blocking: (N, V), or (N, U)
+    over the vocabulary ids `columns` when the logits are only those (all others are -inf)."""
     c = model.cfg
+    slot = None if columns is None else {tok: j for j, tok in enumerate(columns)}
+
+    def cols(tokens) -> list[int]:
+        return list(tokens) if slot is None else [slot[t] for t in tokens if t in slot]
+
     logits = logits.float()
-    logits[:, c.pad_id] = NEG_INF
-    logits[:, c.bos_id] = NEG_INF
+    logits[:, cols((c.pad_id, c.bos_id))] = NEG_INF
     if any(node is not None for node in nodes):
         mask = torch.zeros_like(logits, dtype=torch.bool)
-        for row, node in enumerate(nodes):
+        rows_of: dict[int, tuple[dict | None, list[int]]] = {}
+        for row, node in enumerate(nodes):  # rows at the same trie node share one mask write
+            rows_of.setdefault(id(node), (node, []))[1].append(row)
+        for node, rows in rows_of.values():
+            index = torch.tensor(rows, device=logits.device)[:, None]
             if node is None:
-                mask[row] = True
-            elif node:
-                mask[row, list(node)] = True
-            else:  # a finished candidate path: only eos keeps the row alive (it will be ended)
-                mask[row, c.eos_id] = True
+                mask[index[:, 0]] = True
+            else:  # an empty node is a finished candidate path: only eos keeps the row alive (it will be ended)
+                mask[index, torch.tensor(cols(node if node else (c.eos_id,)), dtype=torch.long,
+                                         device=logits.device)] = True
         logits = logits.masked_fill(~mask, NEG_INF)
     lprobs = F.log_softmax(logits, dim=-1)
+    eos = cols((c.eos_id,))
     if step < cfg.min_length:
-        lprobs[:, c.eos_id] = NEG_INF
+        lprobs[:, eos] = NEG_INF
     if step >= cfg.max_length:  # force the end; a constrained row whose path cannot end here dies
-        eos = lprobs[:, c.eos_id].clone()
+        kept = lprobs[:, eos].clone()
         lprobs.fill_(NEG_INF)
-        lprobs[:, c.eos_id] = eos
+        lprobs[:, eos] = kept
     if cfg.no_repeat_ngram_size > 0:
         for row, seq in enumerate(prefixes):
-            banned = _banned_ngram_tokens(seq, cfg.no_repeat_ngram_size)
+            banned = cols(_banned_ngram_tokens(seq, cfg.no_repeat_ngram_size))
             if banned:
                 lprobs[row, banned] = NEG_INF
     return lprobs
@@ -205,15 +280,11 @@ def generate(model: GalenModel, input_ids: torch.Tensor | None, images: torch.Te
     """Best hypothesis per sample (greedy when beam_size == 1)."""
     cfg = config or GenerationConfig()
     model.check_inputs(input_ids, images, patch_masks, code_masks=code_masks)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval(model):
         encoder = model.encode(input_ids, images, patch_masks, check=False)
         batch = encoder.hidden.shape[0]
         tries = _constraint_nodes(constraints, batch)
         return _beam_search(model, encoder, tries, cfg, code_masks)
-    finally:
-        model.train(was_training)
 
 
 def _keep_best(finished: list[Hypothesis], hyp: Hypothesis, beam: int) -> None:
@@ -256,9 +327,10 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Constrai
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
 
     for step in range(cfg.max_length + 1):
-        logits = state.next_logits(tokens)
-        lprobs = _apply_rules(logits, model, prefixes, nodes, step, cfg)
-        vocab = lprobs.shape[-1]
+        columns = _search_columns(nodes, c.eos_id, device)
+        logits = state.next_logits(tokens, None if columns is None else columns[0])
+        lprobs = _apply_rules(logits, model, prefixes, nodes, step, cfg, None if columns is None else columns[1])
+        vocab = lprobs.shape[-1]  # the vocabulary, or the columns of this step
         cand = (scores.view(-1, beam, 1) + lprobs.view(-1, beam, vocab)).view(len(active), -1)
         top_scores, top_idx = cand.topk(min(2 * beam, cand.shape[1]), dim=1)
         top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
@@ -271,7 +343,7 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Constrai
                 if score == NEG_INF:
                     break
                 row = group * beam + flat // vocab
-                tok = flat % vocab
+                tok = flat % vocab if columns is None else columns[1][flat % vocab]
                 if tok == c.eos_id:
                     if rank < beam or exact:
                         length = len(prefixes[row]) + 1
@@ -313,6 +385,60 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Constrai
     return results
 
 
+def _candidate_log_probs(model: GalenModel, encoder: EncoderOutput, candidates: Sequence[CandidateTrie],
+                         chunk_size: int = 512) -> list[torch.Tensor]:
+    """Per sample, the log-probability of each of its candidates by teacher forcing over `encoder`.
+
+    All (sample, candidate) pairs go through the decoder together (`chunk_size` pairs at a time,
+    similar lengths sharing a chunk). The cross-attention keys/values are projected once per
+    sample (the decoder cache) and only copied per candidate; right padding needs no key mask as
+    the decoder is causal. Next-token distributions are normalised over the trie's allowed tokens.
+    """
+    c = model.cfg
+    device = encoder.hidden.device
+    if len(candidates) != encoder.hidden.shape[0]:
+        raise GalenInputError(f"{len(candidates)} candidate sets for a batch of {encoder.hidden.shape[0]}")
+    pairs = [(s, k) for s, trie in enumerate(candidates) for k in range(len(trie))]
+    longest = max(len(seq) for trie in candidates for seq in trie.sequences)
+    cache = model.init_cache(encoder, longest)  # cross-attention keys/values of every sample, once
+    out = torch.empty(len(pairs))
+    order = sorted(range(len(pairs)), key=lambda i: len(candidates[pairs[i][0]].sequences[pairs[i][1]]))
+    for start in range(0, len(order), chunk_size):
+        chunk_ids = order[start:start + chunk_size]
+        chunk = [(candidates[s].sequences[k], candidates[s].allowed_per_step()[k], s)
+                 for s, k in (pairs[i] for i in chunk_ids)]
+        width = max(len(seq) for seq, _, _ in chunk)
+        k_max = max(len(a) for _, lists, _ in chunk for a in lists)
+        target = torch.full((len(chunk), width), c.pad_id, dtype=torch.long)
+        allowed = torch.full((len(chunk), width, k_max), -1, dtype=torch.long)
+        for i, (seq, lists, _) in enumerate(chunk):
+            target[i, :len(seq)] = torch.tensor(seq)
+            for t, a in enumerate(lists):
+                allowed[i, t, :len(a)] = torch.tensor(a)
+        # logits only for the tokens some candidate allows (the rest never enter the score)
+        union = torch.unique(allowed[allowed >= 0])
+        slot = torch.full((c.vocab_size,), 0, dtype=torch.long)
+        slot[union] = torch.arange(union.numel())
+        target, allowed, union, slot = target.to(device), allowed.to(device), union.to(device), slot.to(device)
+        prev = torch.cat([torch.full_like(target[:, :1], c.bos_id), target[:, :-1]], 1)
+        rows = torch.tensor([s for _, _, s in chunk], device=device)
+        pair_cache = dataclasses.replace(cache, self_k=list(cache.self_k), self_v=list(cache.self_v),
+                                         cross_k=list(cache.cross_k), cross_v=list(cache.cross_v),
+                                         self_bias=list(cache.self_bias))
+        pair_cache.reorder(rows, rows)
+        hidden = model.decoder.step(model.embed_tokens(prev), pair_cache)
+        logits = _project(model, hidden, union).float()
+        allowed_logits = logits.gather(-1, slot[allowed.clamp(min=0)]).masked_fill(allowed < 0, NEG_INF)
+        target_logit = logits.gather(-1, slot[target][..., None]).squeeze(-1)
+        token_lp = (target_logit - allowed_logits.logsumexp(-1)).masked_fill(target.eq(c.pad_id), 0.0)
+        out[torch.tensor(chunk_ids)] = token_lp.sum(-1).cpu()
+    result, offset = [], 0
+    for trie in candidates:
+        result.append(out[offset:offset + len(trie)])
+        offset += len(trie)
+    return result
+
+
 @torch.no_grad()
 def score_candidates(model: GalenModel, input_ids: torch.Tensor | None, candidates: Sequence[CandidateTrie],
                      images: torch.Tensor | None = None, patch_masks: torch.Tensor | None = None,
@@ -322,66 +448,59 @@ def score_candidates(model: GalenModel, input_ids: torch.Tensor | None, candidat
     Next-token distributions are normalised over the trie's allowed tokens, as in the reference.
     """
     model.check_inputs(input_ids, images, patch_masks)
+    with _eval(model):
+        encoder = model.encode(input_ids, images, patch_masks, check=False)
+        return _candidate_log_probs(model, encoder, candidates, chunk_size)
+
+
+@dataclass
+class ClosedSetAnswers:
+    picks: list[int]                        # index of the chosen candidate per sample
+    scores: list[torch.Tensor] | None       # per sample, each candidate's log-probability (when asked for)
+
+
+@torch.no_grad()
+def closed_set_answers(model: GalenModel, input_ids: torch.Tensor | None, candidates: Sequence[CandidateTrie],
+                       images: torch.Tensor | None = None, patch_masks: torch.Tensor | None = None, *,
+                       mode: str = "trie", beam_size: int = 5, with_scores: bool = False) -> ClosedSetAnswers:
+    """Chosen candidate per sample (and, with `with_scores`, every candidate's log-probability)
+    from one encoder pass, whatever the mode.
+
+    "all" picks the best-scoring candidate. "trie" is the reference's trie-constrained beam search
+    (length_penalty 0); where the beam holds a sample's whole candidate set that search is
+    exhaustive, so the sample is answered by scoring its candidates in the one batched
+    teacher-forced pass (the same pick), and only samples with larger sets are searched.
+    """
+    if mode not in ("trie", "all"):
+        raise GalenInputError(f"unknown closed-set mode {mode!r}; use 'trie' or 'all'")
+    model.check_inputs(input_ids, images, patch_masks)
     c = model.cfg
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval(model):
         encoder = model.encode(input_ids, images, patch_masks, check=False)
         if len(candidates) != encoder.hidden.shape[0]:
             raise GalenInputError(f"{len(candidates)} candidate sets for a batch of {encoder.hidden.shape[0]}")
-        pairs = [(s, seq) for s, trie in enumerate(candidates) for seq in trie.sequences]
-        out = torch.empty(len(pairs))
-        device = encoder.hidden.device
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))  # similar lengths share a chunk
-        for start in range(0, len(order), chunk_size):
-            chunk_ids = order[start:start + chunk_size]
-            chunk = [pairs[i] for i in chunk_ids]
-            width = max(len(seq) for _, seq in chunk)
-            target = torch.full((len(chunk), width), c.pad_id, dtype=torch.long)
-            allowed_lists = []
-            for i, (s, seq) in enumerate(chunk):
-                target[i, :len(seq)] = torch.tensor(seq)
-                node, lists = candidates[s].root, []
-                for tok in seq:
-                    lists.append(list(node))
-                    node = node[tok]
-                allowed_lists.append(lists)
-            k_max = max(len(a) for lists in allowed_lists for a in lists)
-            allowed = torch.full((len(chunk), width, k_max), -1, dtype=torch.long)
-            for i, lists in enumerate(allowed_lists):
-                for t, a in enumerate(lists):
-                    allowed[i, t, :len(a)] = torch.tensor(a)
-            # logits only for the tokens some candidate allows (the rest never enter the score)
-            union = torch.unique(allowed[allowed >= 0])
-            slot = torch.full((c.vocab_size,), 0, dtype=torch.long)
-            slot[union] = torch.arange(union.numel())
-            target, allowed, union, slot = target.to(device), allowed.to(device), union.to(device), slot.to(device)
-            prev = torch.cat([torch.full_like(target[:, :1], c.bos_id), target[:, :-1]], 1)
-            rows = torch.tensor([s for s, _ in chunk], device=device)
-            hidden = model.decode(prev, encoder.index_select(rows))
-            logits = (hidden @ model.embed_tokens.weight[union].t()).float()
-            allowed_logits = logits.gather(-1, slot[allowed.clamp(min=0)]).masked_fill(allowed < 0, NEG_INF)
-            target_logit = logits.gather(-1, slot[target][..., None]).squeeze(-1)
-            token_lp = (target_logit - allowed_logits.logsumexp(-1)).masked_fill(target.eq(c.pad_id), 0.0)
-            out[torch.tensor(chunk_ids)] = token_lp.sum(-1).cpu()
-        result, offset = [], 0
-        for trie in candidates:
-            result.append(out[offset:offset + len(trie)])
-            offset += len(trie)
-        return result
-    finally:
-        model.train(was_training)
+        n = len(candidates)
+        searched = [] if mode == "all" else [
+            i for i, t in enumerate(candidates) if not t.search_is_exhaustive(beam_size, (c.pad_id, c.bos_id))]
+        scored = list(range(n)) if with_scores else [i for i in range(n) if i not in set(searched)]
+        picks: list[int] = [0] * n
+        scores: list[torch.Tensor | None] = [None] * n
+        if scored:
+            sub = encoder if len(scored) == n else encoder.index_select(torch.tensor(scored, device=encoder.hidden.device))
+            for i, lp in zip(scored, _candidate_log_probs(model, sub, [candidates[i] for i in scored])):
+                scores[i], picks[i] = lp, int(lp.argmax())
+        if searched:
+            longest = max(len(seq) for i in searched for seq in candidates[i].sequences)
+            cfg = GenerationConfig(beam_size=beam_size, max_length=longest, min_length=1, length_penalty=0.0)
+            sub = encoder.index_select(torch.tensor(searched, device=encoder.hidden.device))
+            hyps = _beam_search(model, sub, [candidates[i] for i in searched], cfg, None)
+            for i, h in zip(searched, hyps):
+                picks[i] = candidates[i].index_of(h.tokens)
+    return ClosedSetAnswers(picks, scores if with_scores else None)  # type: ignore[arg-type]
 
 
 def answer_closed_set(model: GalenModel, input_ids: torch.Tensor | None, candidates: Sequence[CandidateTrie],
                       images: torch.Tensor | None = None, patch_masks: torch.Tensor | None = None,
                       mode: str = "trie", beam_size: int = 5) -> list[int]:
     """Index of the chosen candidate per sample, by trie-constrained beam search or all-candidates scoring."""
-    if mode == "all":
-        return [int(s.argmax()) for s in score_candidates(model, input_ids, candidates, images, patch_masks)]
-    if mode != "trie":
-        raise GalenInputError(f"unknown closed-set mode {mode!r}; use 'trie' or 'all'")
-    longest = max(len(seq) for trie in candidates for seq in trie.sequences)
-    cfg = GenerationConfig(beam_size=beam_size, max_length=longest, min_length=1, length_penalty=0.0)
-    hyps = generate(model, input_ids, images, patch_masks, config=cfg, constraints=list(candidates))
-    return [trie.index_of(h.tokens) for trie, h in zip(candidates, hyps)]
+    return closed_set_answers(model, input_ids, candidates, images, patch_masks, mode=mode, beam_size=beam_size).picks

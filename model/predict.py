@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.decoding import CandidateTrie, GenerationConfig, TokenLattice, answer_closed_set, generate, score_candidates
+from model.decoding import CandidateTrie, GenerationConfig, TokenLattice, closed_set_answers, generate
 from model.errors import GalenError, GalenInputError
 from model.generalist import GalenModel
 from model.tasks import NLI_ANSWERS, build_prompt, closed_answers, vqa_prompt
@@ -267,17 +267,11 @@ class GalenPredictor:
             ids = self._ids([prompts[i] for i in chunk])
             sets = [list(answer_sets[i]) for i in chunk]
             tries = [self._trie(s) for s in sets]
-            scores = None
-            if with_scores or self.config.closed_set_mode == "all":
-                scores = [torch.softmax(lp.double(), 0).tolist()
-                          for lp in score_candidates(self.model, ids, tries, pixels)]
-            if self.config.closed_set_mode == "all":
-                picks = [int(np.argmax(s)) for s in scores]  # type: ignore[union-attr]
-            else:
-                picks = answer_closed_set(self.model, ids, tries, pixels, mode="trie",
-                                          beam_size=self.config.closed_beam_size)
-            for k, (answers, pick) in enumerate(zip(sets, picks)):
-                probs = dict(zip(answers, scores[k])) if with_scores and scores is not None else None
+            got = closed_set_answers(self.model, ids, tries, pixels, mode=self.config.closed_set_mode,
+                                     beam_size=self.config.closed_beam_size, with_scores=with_scores)
+            for k, (answers, pick) in enumerate(zip(sets, got.picks)):
+                probs = None if got.scores is None else \
+                    dict(zip(answers, torch.softmax(got.scores[k].double(), 0).tolist()))
                 out.append((answers[pick], probs))
         return out
 
