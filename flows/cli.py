@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from model.errors import GalenError
 
@@ -436,6 +436,108 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(rollback(cfg).message)
 
 
+# -- contrastive model -----------------------------------------------------------------------------
+def cmd_clip_train(args: argparse.Namespace) -> None:
+    from flows.params import load_params
+    from flows.train.contrastive import load_clip_train_config, train_clip
+
+    cfg = load_clip_train_config(load_params(args.params), steps=args.steps, num_workers=args.workers,
+                                 zero_stage=args.zero_stage, config=args.config, init=args.init, out=args.out,
+                                 batch_size=args.batch_size, metrics=args.metrics, run_name=args.run_name,
+                                 use_gpu=True if args.use_gpu else None, precision=args.precision)
+    result = train_clip(cfg)
+    print(f"trained {cfg.out} (MLflow run {result['run_id']}, {result.get('samples_per_s', 0):.1f} samples/s)")
+
+
+def cmd_clip_evaluate(args: argparse.Namespace) -> None:
+    from flows.evaluate_contrastive import ZERO_SHOT_TEMPLATES, evaluate_clip
+    from flows.params import load_params
+
+    section = (load_params(args.params).get("clip") or {}).get("evaluate") or {}
+    report = evaluate_clip(args.model, args.shards, args.out, limit=args.limit, plots_dir=args.plots,
+                           templates=section.get("templates", ZERO_SHOT_TEMPLATES), log_mlflow=not args.no_mlflow)
+    from flows.evaluate import flat_metrics
+
+    for name, m in report.items():
+        if isinstance(m, dict):
+            shown = {k: v for k, v in flat_metrics({k: v for k, v in m.items() if k != "by_dataset"}).items()}
+            print(f"  {name:13s} " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    print(f"wrote {args.out}" + (f"; MLflow run {report['run_id']}" if "run_id" in report else ""))
+
+
+def _clip_registry_config(args: argparse.Namespace):
+    from flows.params import load_params
+    from flows.registry import RegistryConfig
+
+    params = load_params(args.params)
+    section = (params.get("clip") or {}).get("registry")
+    if not section:
+        raise GalenInputError("params.yaml has no clip.registry section (model_name, metrics); add one")
+    cfg = RegistryConfig.from_params({"registry": section})
+    if args.name:
+        cfg.model_name = args.name
+    return cfg, params
+
+
+def cmd_clip_register(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from flows.registry import CONTRASTIVE, aliases, promote, register
+
+    cfg, params = _clip_registry_config(args)
+    reg = register(args.model, cfg, params.get("clip") or {}, metrics_file=args.metrics, run_id=args.run_id,
+                   kind=CONTRASTIVE)
+    print(f"registered {reg.name} version {reg.version} from run {reg.run_id} (model sha256 {reg.sha256[:12]})")
+    report = asdict(reg)
+    if args.promote:
+        decision = promote(cfg, version=reg.version)
+        print(decision.message)
+        report.update(promoted=decision.promoted, decision=decision.message, aliases=aliases(cfg))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cmd_clip_import(args: argparse.Namespace) -> None:
+    from model.contrastive import ContrastiveModel
+
+    model = ContrastiveModel.from_pretrained(args.source)
+    model.save_pretrained(args.out)
+    print(f"imported {args.source} ({model.spec.name}, embed dim {model.spec.embed_dim}, "
+          f"{sum(p.numel() for p in model.clip.parameters()) / 1e6:.1f}M parameters) -> {args.out}")
+
+
+def cmd_clip_export(args: argparse.Namespace) -> None:
+    from model.contrastive import ContrastiveModel
+
+    out = ContrastiveModel.from_pretrained(args.model).export(args.out)
+    print(f"wrote {out} (open_clip: open_clip.create_model_from_pretrained('local-dir:{out}'))")
+
+
+def cmd_clip_index(args: argparse.Namespace) -> None:
+    from flows.evaluate_contrastive import build_index
+
+    index = build_index(args.model, args.shards, args.out, tasks=args.tasks, split=args.split, limit=args.limit)
+    print(f"indexed {len(index.items)} image-caption items ({index.embed_dim}-d) -> {args.out}")
+
+
+def cmd_clip_embed(args: argparse.Namespace) -> None:
+    from model.contrastive import ContrastiveModel
+
+    model = ContrastiveModel.from_pretrained(args.model)
+    if args.labels:
+        if not args.image:
+            raise GalenInputError("zero-shot classification (--labels) needs --image")
+        probs = model.classify([Path(args.image).read_bytes()], args.labels)[0]
+        for label, p in sorted(zip(args.labels, probs.tolist()), key=lambda x: -x[1]):
+            print(f"{p:.4f}  {label}")
+        return
+    if bool(args.image) == bool(args.text):
+        raise GalenInputError("give exactly one of --image or --text (or --image with --labels)")
+    emb = model.encode_images([Path(args.image).read_bytes()]) if args.image else model.encode_texts([args.text])
+    print(json.dumps([round(x, 6) for x in emb[0].tolist()]))
+
+
 # -- serving ---------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> None:
     from serve.app import DEFAULT_CONFIG, run_local
@@ -658,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
     rb.add_argument("--params", default="params.yaml")
     rb.set_defaults(func=cmd_rollback)
+    _clip_parsers(sub)
     sv = sub.add_parser("serve", help="serve the registered model over HTTP on an embedded Ray (Ray Serve; "
                         "settings: serve/config.yaml and params.yaml serve)")
     sv.add_argument("--config", help="Serve config YAML (default: serve/config.yaml of the package)")
@@ -673,6 +776,77 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
     sv.set_defaults(func=cmd_serve)
     return p
+
+
+def _clip_parsers(sub: Any) -> None:
+    from model.contrastive import config_names
+
+    clip = sub.add_parser("clip", help="the contrastive (BiomedCLIP-style) model: train, evaluate, register, import, "
+                          "export, embed").add_subparsers(dest="clip_command", required=True, metavar="COMMAND")
+    t = clip.add_parser("train", help="contrastive training on Ray Train + DeepSpeed (settings: params.yaml clip.train)")
+    t.add_argument("--params", default="params.yaml")
+    t.add_argument("--config", choices=config_names(), help="override clip.train.config (named model config)")
+    t.add_argument("--init", help="start from this contrastive model folder (e.g. imported BiomedCLIP)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--workers", type=int)
+    t.add_argument("--batch-size", type=int, help="per worker; every worker's features are gathered for the loss")
+    t.add_argument("--zero-stage", type=int, choices=[0, 1, 2])
+    t.add_argument("--use-gpu", action="store_true")
+    t.add_argument("--precision", choices=["fp32", "bf16"])
+    t.add_argument("--out")
+    t.add_argument("--metrics", help="write the final metrics (and the MLflow run id) to this JSON file")
+    t.add_argument("--run-name")
+    t.set_defaults(func=cmd_clip_train)
+
+    e = clip.add_parser("evaluate", help="zero-shot, linear probe and retrieval Recall@K on the shards' test splits")
+    e.add_argument("--model", required=True)
+    e.add_argument("--shards", required=True)
+    e.add_argument("--out", required=True, help="metrics JSON to write (a DVC metric)")
+    e.add_argument("--limit", type=int, help="at most this many test records per task")
+    e.add_argument("--plots", help="write the zero-shot confusion matrices (PNG) here")
+    e.add_argument("--params", default="params.yaml", help="clip.evaluate.templates: zero-shot prompt templates")
+    e.add_argument("--no-mlflow", action="store_true")
+    e.set_defaults(func=cmd_clip_evaluate)
+
+    r = clip.add_parser("register", help="register a contrastive model (params.yaml clip.registry) and promote it")
+    r.add_argument("--model", required=True)
+    r.add_argument("--metrics", help="the JSON `galen clip evaluate` wrote (its run id is used)")
+    r.add_argument("--run-id")
+    r.add_argument("--name", help="registered model name (default: clip.registry.model_name)")
+    r.add_argument("--promote", action="store_true")
+    r.add_argument("--report")
+    r.add_argument("--params", default="params.yaml")
+    r.set_defaults(func=cmd_clip_register)
+
+    i = clip.add_parser("import", help="read an open_clip / BiomedCLIP folder offline (open_clip_config.json, "
+                        "open_clip_pytorch_model.bin, tokenizer files) into a Galen contrastive model folder")
+    i.add_argument("source")
+    i.add_argument("--out", required=True)
+    i.set_defaults(func=cmd_clip_import)
+
+    x = clip.add_parser("export", help="write a model in the released open_clip layout (open_clip_pytorch_model.bin)")
+    x.add_argument("--model", required=True)
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_clip_export)
+
+    ix = clip.add_parser("index", help="embed the images and captions of a shard split for /v1/retrieve (serve "
+                         "setting clip_index)")
+    ix.add_argument("--model", required=True)
+    ix.add_argument("--shards", required=True)
+    ix.add_argument("--out", required=True)
+    ix.add_argument("--tasks", nargs="+", default=["caption"], choices=["caption", "classification"],
+                    help="rows to index (classification rows are captioned with their class name)")
+    ix.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ix.add_argument("--limit", type=int, help="at most this many rows per task")
+    ix.set_defaults(func=cmd_clip_index)
+
+    m = clip.add_parser("embed", help="print the normalized embedding of an image or a text, or zero-shot "
+                        "probabilities of an image over --labels")
+    m.add_argument("--model", required=True)
+    m.add_argument("--image")
+    m.add_argument("--text")
+    m.add_argument("--labels", nargs="+")
+    m.set_defaults(func=cmd_clip_embed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from flows.tracking import MAX_TAG_VALUE_LENGTH, TrainingRun, flatten, lineage, sanitize_key, tracking_uri
 from model.errors import GalenCheckpointError, GalenInputError
@@ -224,10 +224,10 @@ class Registered:
     sha256: str
 
 
-def requirements() -> list[str]:
+def requirements(names: tuple[str, ...] = PYFUNC_REQUIREMENTS) -> list[str]:
     """Pinned pip requirements of the pyfunc (explicit: MLflow's inference would import and run it)."""
     out = []
-    for name in PYFUNC_REQUIREMENTS:
+    for name in names:
         try:
             out.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
@@ -269,18 +269,64 @@ def _version_tags(params: Mapping[str, Any], metrics: Mapping[str, float], sha: 
     return {sanitize_key(k): (str(v) if len(str(v)) <= limit else str(v)[:limit - 3] + "...") for k, v in tags.items()}
 
 
+@dataclass
+class ModelKind:
+    """What `register` needs to know about one kind of model folder: how to load it (a broken file
+    fails before MLflow), its pyfunc file (models from code), an input example, the model_config
+    stored with it (from the evaluation run's `galen.predict_config` tag, if any) and the pip
+    packages the pyfunc needs."""
+
+    load: Callable[[Path], Any]
+    pyfunc_file: Path
+    input_example: Callable[[], list[dict[str, Any]]]
+    model_config: Callable[[str | None], dict[str, Any]]
+    requirements: tuple[str, ...] = PYFUNC_REQUIREMENTS
+
+
+def _generalist_load(folder: Path) -> Any:
+    from model.predict import GalenPredictor
+
+    return GalenPredictor.load(folder)
+
+
+def _generalist_config(predict_config: str | None) -> dict[str, Any]:
+    from model.predict import PredictConfig
+
+    config = {"predict": json.loads(predict_config) if predict_config else PredictConfig().to_dict()}
+    PredictConfig.from_dict(config["predict"])  # the served settings must load
+    return config
+
+
+GENERALIST = ModelKind(_generalist_load, PYFUNC_FILE, input_example, _generalist_config)
+
+
+def _contrastive_load(folder: Path) -> Any:
+    from model.contrastive import ContrastiveModel
+
+    return ContrastiveModel.from_pretrained(folder)
+
+
+def _contrastive_example() -> list[dict[str, Any]]:
+    """A zero-shot request (base64 PNG + two labels), stored with the contrastive model as its example."""
+    image = input_example()[0]["image"]
+    return [{"task": "zero_shot", "image": image, "labels": ["normal", "abnormal"]}]
+
+
+CONTRASTIVE = ModelKind(_contrastive_load, PYFUNC_FILE.with_name("pyfunc_clip.py"), _contrastive_example,
+                        lambda _: {}, PYFUNC_REQUIREMENTS + ("open_clip_torch", "transformers", "ftfy"))
+
+
 def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str, Any], *,
              metrics_file: str | Path | None = None, run_id: str | None = None, uri: str | None = None,
-             project: str | Path | None = None) -> Registered:
+             project: str | Path | None = None, kind: ModelKind = GENERALIST) -> Registered:
     """Log `model_dir` as a pyfunc into its evaluation run and register it as a new version of
     `config.model_name` (no alias changes: that is `promote`)."""
     import mlflow
 
     from model.checkpoint import folder_digest
-    from model.predict import GalenPredictor, PredictConfig
 
     folder = Path(model_dir)
-    GalenPredictor.load(folder)  # a missing or corrupt weights/config/tokenizer file fails here, before MLflow
+    kind.load(folder)  # a missing or corrupt weights/config/tokenizer file fails here, before MLflow
     sha = folder_digest(folder)
     client, uri = _client(uri)
 
@@ -319,13 +365,12 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
         new.end()
         run_id, metrics, predict_config = new.run_id, file_metrics, None
 
-    model_config = {"predict": json.loads(predict_config) if predict_config else PredictConfig().to_dict()}
-    PredictConfig.from_dict(model_config["predict"])  # the served settings must load
+    model_config = kind.model_config(predict_config)
     with _mlflow_uri(uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_FILE),
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(kind.pyfunc_file),
                                        artifacts={ARTIFACT_KEY: str(folder.resolve())},
-                                       code_paths=[str(MODEL_PACKAGE)], input_example=input_example(),
-                                       pip_requirements=requirements(), model_config=model_config)
+                                       code_paths=[str(MODEL_PACKAGE)], input_example=kind.input_example(),
+                                       pip_requirements=requirements(kind.requirements), model_config=model_config)
     tags = _version_tags(params, metrics, sha, run_id, project)
     with _mlflow_uri(uri):
         mv = mlflow.register_model(info.model_uri, config.model_name, tags=tags)

@@ -137,6 +137,7 @@ def build_clip(spec: ClipSpec) -> torch.nn.Module:
 
     cfg = copy.deepcopy(spec.model_cfg)
     cfg.pop("custom_text", None)
+    cfg["nonscalar_logit_scale"] = True  # shape [1]: DeepSpeed cannot broadcast 0-dim parameters (saved as 0-dim)
     if not spec.hf_text:
         return open_clip.CLIP(**cfg, output_dict=True)
     if not spec.hf_text_config:
@@ -167,6 +168,10 @@ class GalenTextEncoder:
             ids[k, : len(row)] = torch.tensor(row)
         return ids
 
+    def token_count(self, text: str) -> int:
+        """Tokens of `text` with <bos>/<eos>, before cutting to the context."""
+        return len(self.tokenizer.encode(text)) + 2
+
     def save(self, folder: Path) -> None:
         self.tokenizer.save(folder)
 
@@ -191,6 +196,10 @@ class HFTextEncoder:
         out = self.tokenizer(list(texts), return_tensors="pt", max_length=self.context_length,
                              padding="max_length", truncation=True)
         return out.input_ids
+
+    def token_count(self, text: str) -> int:
+        """Tokens of `text` with [CLS]/[SEP], before cutting to the context."""
+        return len(self.tokenizer(text).input_ids)
 
     def save(self, folder: Path) -> None:
         self.tokenizer.save_pretrained(str(folder))
@@ -262,6 +271,9 @@ class ContrastiveModel:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
+        for k in ("logit_scale", "logit_bias"):  # open_clip's layout: scalars
+            if k in state:
+                state[k] = state[k].reshape(())
         tmp = out / (WEIGHTS_FILE + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "galen_format": "contrastive"})
         tmp.replace(out / WEIGHTS_FILE)
@@ -270,6 +282,20 @@ class ContrastiveModel:
             (out / TEXT_ENCODER_DIR).mkdir(exist_ok=True)
             (out / TEXT_ENCODER_DIR / "config.json").write_text(json.dumps(self.spec.hf_text_config, indent=2) + "\n")
         self.text_encoder.save(out)
+        return out
+
+    def export(self, folder: str | Path) -> Path:
+        """The released open_clip layout (as BiomedCLIP ships): open_clip_config.json without Galen's
+        section, open_clip_pytorch_model.bin (a plain state dict), the tokenizer files."""
+        out = self.save_pretrained(folder)
+        state = load_file_state(out / WEIGHTS_FILE)
+        torch.save(state, out / OFFICIAL_WEIGHTS[0])
+        (out / WEIGHTS_FILE).unlink()
+        data = json.loads((out / CONFIG_FILE).read_text())
+        data.pop("galen", None)
+        if self.spec.tokenizer == "galen":  # without the section, readers need to know the tokenizer kind
+            data["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = GALEN_TOKENIZER
+        (out / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
         return out
 
     @classmethod
@@ -383,9 +409,17 @@ def read_spec(folder: Path) -> ClipSpec:
             raise GalenCheckpointError(
                 f"{path} names the text model {model_cfg['text_cfg']['hf_model_name']!r}, whose config cannot be "
                 f"downloaded here; put its config.json at {folder / TEXT_ENCODER_DIR / 'config.json'}")
+    kind = galen.get("tokenizer") or ("hf" if hf or model_cfg["text_cfg"].get("hf_tokenizer_name") not in
+                                      (None, GALEN_TOKENIZER) else "galen")
     return ClipSpec(name=str(galen.get("config", "imported")), model_cfg=model_cfg,
                     mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
-                    tokenizer=str(galen.get("tokenizer", "hf" if hf else "galen")), hf_text_config=hf_config)
+                    tokenizer=str(kind), hf_text_config=hf_config)
+
+
+def load_file_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -426,3 +460,77 @@ def load_weights(clip: torch.nn.Module, path: Path) -> None:
         if k in state:
             state[k] = state[k].reshape(own[k].shape)
     clip.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# retrieval index
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RetrievalIndex:
+    """Image and text embeddings of an indexed set of image-caption items (row k of both belongs to
+    `items[k]`): text -> nearest images and image -> nearest captions. Saved as .npy arrays (read
+    without pickle) + items.jsonl + index.json."""
+
+    image_embeddings: torch.Tensor          # (N, D), normalized
+    text_embeddings: torch.Tensor           # (N, D), normalized
+    items: list[dict[str, Any]]             # id, caption, and whatever else describes the item
+
+    @classmethod
+    def build(cls, model: ContrastiveModel, images: Sequence[Any], captions: Sequence[str],
+              items: Sequence[Mapping[str, Any]]) -> "RetrievalIndex":
+        if not (len(images) == len(captions) == len(items)) or not images:
+            raise GalenInputError("an index needs the same non-zero number of images, captions and items")
+        return cls(model.encode_images(images), model.encode_texts(captions),
+                   [{**dict(it), "caption": c} for it, c in zip(items, captions)])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.image_embeddings.shape[1])
+
+    def save(self, folder: str | Path) -> Path:
+        import numpy as np
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "image_embeddings.npy", self.image_embeddings.numpy())
+        np.save(out / "text_embeddings.npy", self.text_embeddings.numpy())
+        (out / "items.jsonl").write_text("".join(json.dumps(it, sort_keys=True) + "\n" for it in self.items))
+        (out / "index.json").write_text(json.dumps({"count": len(self.items), "embed_dim": self.embed_dim}) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "RetrievalIndex":
+        import numpy as np
+
+        folder = Path(folder)
+        try:
+            images = torch.from_numpy(np.load(folder / "image_embeddings.npy", allow_pickle=False))
+            texts = torch.from_numpy(np.load(folder / "text_embeddings.npy", allow_pickle=False))
+            items = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            raise GalenCheckpointError(f"retrieval index {folder} cannot be read ({e}); build it with "
+                                       "`galen clip index`") from e
+        if images.ndim != 2 or images.shape != texts.shape or len(items) != len(images):
+            raise GalenCheckpointError(f"retrieval index {folder} is inconsistent: {tuple(images.shape)} image and "
+                                       f"{tuple(texts.shape)} text embeddings for {len(items)} items; rebuild it")
+        return cls(images.float(), texts.float(), items)
+
+    def check_model(self, model: ContrastiveModel) -> None:
+        if self.embed_dim != model.spec.embed_dim:
+            raise GalenCheckpointError(f"the retrieval index holds {self.embed_dim}-d embeddings but the model makes "
+                                       f"{model.spec.embed_dim}-d ones; rebuild the index with this model "
+                                       "(`galen clip index`)")
+
+    def search(self, query: torch.Tensor, against: str, k: int) -> list[list[tuple[int, float]]]:
+        """Per query row, the k nearest items by cosine similarity: `against` "images" or "texts"."""
+        table = self.image_embeddings if against == "images" else self.text_embeddings
+        check_same_dim(query, table)
+        scores, idx = (query @ table.T).topk(min(k, len(table)), dim=1)
+        return [[(int(i), float(s)) for i, s in zip(ri, rs)] for ri, rs in zip(idx, scores)]
+
+
+def rank(query: torch.Tensor, candidates: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k candidates (rows) nearest to one query embedding, best first."""
+    check_same_dim(query[None] if query.ndim == 1 else query, candidates)
+    scores, idx = (query.reshape(1, -1) @ candidates.T)[0].topk(min(k, len(candidates)))
+    return [(int(i), float(s)) for i, s in zip(idx, scores)]

@@ -425,3 +425,165 @@ def create_app(extra_schemas: Sequence[type[BaseModel]] = ()) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+# --------------------------------------------------------------------------------------------------
+# The contrastive model's routes (served by serve/contrastive.py through the ingress)
+# --------------------------------------------------------------------------------------------------
+
+class EmbedRequest(_Request):
+    image: str | None = Field(None, description=IMAGE_DOC + "; give image or text")
+    text: str | None = Field(None, description="a text to embed; give image or text")
+
+
+class ZeroShotRequest(_Request):
+    image: str = Field(description=IMAGE_DOC)
+    labels: list[str] = Field(description="class names (at least two, no duplicates)")
+    templates: list[str] | None = Field(None, description="prompt templates with one '{}' for the label; class "
+                                        "embeddings are averaged over them (default: the model's)")
+
+
+class RetrieveRequest(_Request):
+    image: str | None = Field(None, description=IMAGE_DOC + ": find the nearest texts")
+    text: str | None = Field(None, description="find the nearest images")
+    texts: list[str] | None = Field(None, description="candidate texts for an image query (default: the index's "
+                                    "captions)")
+    images: list[str] | None = Field(None, description="candidate images (base64) for a text query (default: the "
+                                     "index's images)")
+    top_k: int = Field(5, ge=1, le=100, description="how many results")
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request (text input only; token-id input is not accepted)."""
+
+    model_config = ConfigDict(extra="allow")
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = None
+    encoding_format: str = "float"
+    dimensions: int | None = None
+
+
+CLIP_ROUTES: dict[str, type[BaseModel]] = {"embed": EmbedRequest, "zero-shot": ZeroShotRequest,
+                                           "retrieve": RetrieveRequest, "embeddings": EmbeddingsRequest}
+
+
+def clip_route(route: str) -> dict[str, Any]:
+    """FastAPI route options of a contrastive route (JSON bodies; documented schema)."""
+    schema = CLIP_ROUTES[route]
+    return {"tags": ["contrastive"] if route != "embeddings" else ["openai"],
+            "openapi_extra": {"requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}},
+            "responses": {code: {"description": what} for code, what in (
+                (400, "unreadable input"), (413, "over a size limit"), (422, "invalid input"),
+                (503, "no contrastive model loaded"), (504, "timed out"))}}
+
+
+def _one_of(req: BaseModel, a: str, b: str) -> str:
+    given = [n for n in (a, b) if getattr(req, n) is not None]
+    if len(given) != 1:
+        raise ApiError(422, "invalid_input", f"give exactly one of {a!r} or {b!r}", a)
+    return given[0]
+
+
+def _check_texts(name: str, values: list[str], settings: ServeSettings) -> None:
+    if not values or any(not v.strip() for v in values):
+        raise ApiError(422, "invalid_input", f"{name} must be a non-empty list of non-empty strings", name)
+    if len(values) > settings.max_candidates:
+        raise ApiError(422, "too_many_candidates", f"{name} has {len(values)} entries, over the limit of "
+                       f"{settings.max_candidates}", name)
+    if any(len(v) > settings.max_text_chars for v in values):
+        raise ApiError(422, "text_too_long", f"an entry of {name} is over {settings.max_text_chars:,} characters", name)
+
+
+def _image(text: str, settings: ServeSettings, param: str) -> bytes:
+    data = decode_base64_image(text, settings, param)
+    check_image(data, settings, param)
+    return data
+
+
+async def read_clip_request(request: Request, route: str, settings: ServeSettings) -> dict[str, Any]:
+    """The checked job of a contrastive route: texts within limits, images decoded from base64 and
+    size-checked (multipart uploads are taken by /v1/embed and /v1/zero-shot as `image`)."""
+    data, upload = await read_payload(request, settings)
+    if upload is not None:
+        if route not in ("embed", "zero-shot", "retrieve"):
+            raise ApiError(415, "unsupported_media_type", f"/v1/{route} takes JSON")
+        data = {**data, "image": ""}
+    schema = CLIP_ROUTES[route]
+    if route == "embeddings":
+        try:
+            req = schema.model_validate(data)
+        except ValidationError as e:
+            message, param = validation_message(e)
+            raise ApiError(422, "validation_error", message, param) from e
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        _check_texts("input", texts, settings)
+        if req.encoding_format not in ("float", "base64"):
+            raise ApiError(422, "invalid_input", "encoding_format must be 'float' or 'base64'", "encoding_format")
+        return {"texts": texts, "model": req.model, "encoding_format": req.encoding_format,
+                "dimensions": req.dimensions}
+    req = validate(schema, data, settings)
+    job: dict[str, Any] = {}
+    if route in ("embed", "retrieve"):
+        job[_one_of(req, "image", "text")] = None
+    if getattr(req, "image", None) is not None:
+        job["image"] = upload if upload is not None else _image(req.image, settings, "image")
+        if not job["image"]:
+            raise ApiError(400, "invalid_image", "the uploaded image is empty (0 bytes)", "image")
+        if upload is not None:
+            check_image(upload, settings)
+    if getattr(req, "text", None) is not None:
+        job["text"] = req.text
+    if route == "zero-shot":
+        _check_texts("labels", req.labels, settings)
+        seen: dict[str, int] = {}
+        for k, label in enumerate(req.labels):
+            if label.strip().lower() in seen:
+                raise ApiError(422, "invalid_input", f"labels[{k}] {label!r} duplicates labels[{seen[label.strip().lower()]}]"
+                               "; give each class once", "labels")
+            seen[label.strip().lower()] = k
+        if len(req.labels) < 2:
+            raise ApiError(422, "invalid_input", "zero-shot classification needs at least two labels", "labels")
+        job["labels"] = list(req.labels)
+        if req.templates is not None:
+            _check_texts("templates", req.templates, settings)
+            bad = [t for t in req.templates if t.count("{}") != 1]
+            if bad:
+                raise ApiError(422, "invalid_input", f"each template needs exactly one '{{}}' for the label, got {bad}",
+                               "templates")
+            job["templates"] = list(req.templates)
+    if route == "retrieve":
+        job["top_k"] = req.top_k
+        if req.texts is not None:
+            if "image" not in job:
+                raise ApiError(422, "invalid_input", "texts are candidates for an image query; send 'image'", "texts")
+            _check_texts("texts", req.texts, settings)
+            job["texts"] = list(req.texts)
+        if req.images is not None:
+            if "text" not in job:
+                raise ApiError(422, "invalid_input", "images are candidates for a text query; send 'text'", "images")
+            if not req.images or len(req.images) > settings.max_candidates:
+                raise ApiError(422, "invalid_input", f"images must hold 1 to {settings.max_candidates} entries",
+                               "images")
+            job["images"] = [_image(x, settings, f"images[{k}]") for k, x in enumerate(req.images)]
+    return job
+
+
+def embeddings_response(answer: dict[str, Any], job: dict[str, Any], served_name: str) -> dict[str, Any]:
+    """OpenAI's embeddings list object."""
+    import numpy as np
+
+    data = []
+    for i, vec in enumerate(answer["vectors"]):
+        if job.get("dimensions"):
+            if job["dimensions"] > len(vec):
+                raise ApiError(422, "invalid_input", f"dimensions {job['dimensions']} is more than the model's "
+                               f"{len(vec)}", "dimensions")
+            v = np.asarray(vec[: job["dimensions"]], dtype=np.float32)
+            vec = (v / max(float(np.linalg.norm(v)), 1e-12)).tolist()
+        emb: Any = vec
+        if job["encoding_format"] == "base64":
+            emb = base64.b64encode(np.asarray(vec, dtype=np.float32).tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": served_name,
+            "usage": {"prompt_tokens": answer["tokens"], "total_tokens": answer["tokens"]}}

@@ -54,7 +54,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "config.yaml"
 WARMUP = {"task": "nli", "premise": "the lungs are clear", "hypothesis": "there is no effusion"}
 _REQUEST_PREFIX = re.compile(r"^request \d+ \([a-z_]+\): ")
 
-app = http.create_app(extra_schemas=[chat.ChatRequest])
+app = http.create_app(extra_schemas=[chat.ChatRequest, *http.CLIP_ROUTES.values()])
 
 
 def _chat_body() -> dict[str, Any]:
@@ -66,7 +66,8 @@ def _chat_body() -> dict[str, Any]:
                   health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
 @serve.ingress(app)
 class GalenGeneralist:
-    def __init__(self, settings: Mapping[str, Any] | None = None):
+    def __init__(self, settings: Mapping[str, Any] | None = None, contrastive: Any = None):
+        self.contrastive = contrastive  # handle of the GalenContrastive deployment (serve/contrastive.py), or None
         self.base = ServeSettings().replace(settings)
         self.settings = self.base
         self.current: LoadedModel | None = None
@@ -316,6 +317,51 @@ class GalenGeneralist:
             return StreamingResponse(chat.stream_events(body), media_type="text/event-stream")
         return JSONResponse(body)
 
+    # -- the contrastive model (answered by GalenContrastive; parsed and limited here like every route) --
+
+    async def _clip(self, request: Request, route: str) -> dict[str, Any]:
+        if self.contrastive is None:
+            raise http.ApiError(404, "not_served", "the contrastive model is not served here (serve setting "
+                                "clip_model_name is null)")
+        job = await http.read_clip_request(request, route, self.settings)
+        method = {"embed": "embed", "zero-shot": "zero_shot", "retrieve": "retrieve"}[route]
+        answer = await getattr(self.contrastive, method).remote(job)
+        if "error" in answer:
+            e = answer["error"]
+            raise http.ApiError(e["status"], e["type"], e["message"], e.get("param"))
+        return answer
+
+    @app.post("/v1/embed", summary="Normalized embedding of an image or a text", **http.clip_route("embed"))
+    async def embed(self, request: Request) -> dict[str, Any]:
+        return await self._clip(request, "embed")
+
+    @app.post("/v1/zero-shot", summary="Zero-shot classification of an image over labels",
+              **http.clip_route("zero-shot"))
+    async def zero_shot(self, request: Request) -> dict[str, Any]:
+        return await self._clip(request, "zero-shot")
+
+    @app.post("/v1/retrieve", summary="Nearest images of a text, or nearest texts of an image",
+              **http.clip_route("retrieve"))
+    async def retrieve(self, request: Request) -> dict[str, Any]:
+        return await self._clip(request, "retrieve")
+
+    @app.post("/v1/embeddings", summary="OpenAI-compatible text embeddings", **http.clip_route("embeddings"))
+    async def embeddings(self, request: Request) -> dict[str, Any]:
+        if self.contrastive is None:
+            raise http.ApiError(404, "not_served", "the contrastive model is not served here")
+        job = await http.read_clip_request(request, "embeddings", self.settings)
+        answer = await self.contrastive.embeddings.remote(job["texts"])
+        if "error" in answer:
+            e = answer["error"]
+            raise http.ApiError(e["status"], e["type"], e["message"], e.get("param"))
+        return http.embeddings_response(answer, job, answer["model"]["name"])
+
+    @app.get("/v1/contrastive/status", summary="The served contrastive model and its batching", tags=["service"])
+    async def contrastive_status(self) -> dict[str, Any]:
+        if self.contrastive is None:
+            return {"status": "not_served"}
+        return await self.contrastive.status.remote()
+
     @app.get("/v1/models", summary="The served model (OpenAI list format)", tags=["service"])
     async def models(self) -> dict[str, Any]:
         data = []
@@ -366,7 +412,10 @@ def settings_from_args(args: Mapping[str, Any] | None) -> ServeSettings:
 
 def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
     """The application of the Serve config's import path `serve.app:build_app`."""
-    return GalenGeneralist.bind(settings_from_args(args).to_dict())
+    from serve import contrastive
+
+    settings = settings_from_args(args)
+    return GalenGeneralist.bind(settings.to_dict(), contrastive.bind(settings))
 
 
 def load_serve_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, Any]:
@@ -392,7 +441,13 @@ def app_from_config(cfg: Mapping[str, Any], user_config: Mapping[str, Any] | Non
     options["user_config"] = {**(options.get("user_config") or {}), **(user_config or {})}
     settings = settings_from_args({**(app_cfg.get("args") or {}), **(args or {})})
     settings.replace(options["user_config"])  # refuse unknown user_config keys here, not on a replica
-    return GalenGeneralist.options(**options).bind(settings.to_dict())
+    from serve import contrastive
+
+    contrastive.check_index_compatible(settings)
+    clip_options = [{k: v for k, v in d.items() if k != "name"} for d in app_cfg.get("deployments") or []
+                    if d.get("name") == "GalenContrastive"]
+    clip = contrastive.bind(settings, clip_options[0] if clip_options else None)
+    return GalenGeneralist.options(**options).bind(settings.to_dict(), clip)
 
 
 def run_local(config: str | Path = DEFAULT_CONFIG, host: str = "127.0.0.1", port: int = 8000,

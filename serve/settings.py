@@ -36,6 +36,10 @@ class ServeSettings:
     device: str = "auto"                   # auto: cuda when the replica has a GPU, else cpu
     model_cache: str | None = None         # where versions are downloaded; None: <tmp>/galen-serve-models
     default_labels: list[str] = field(default_factory=list)  # classify without labels (if the model has none)
+    clip_model_name: str | None = "galen-clip"  # the contrastive model served beside (None: no contrastive routes)
+    clip_alias: str = "champion"
+    clip_index: str | None = None          # retrieval index folder (`galen clip index`) for /v1/retrieve without candidates
+    max_candidates: int = 256              # texts / images / labels one contrastive request may carry (422 above)
 
     def __post_init__(self) -> None:
         for name in ("model_name", "alias", "device"):
@@ -44,7 +48,7 @@ class ServeSettings:
         if not isinstance(self.batching, bool):
             raise GalenInputError(f"serve setting batching must be true or false, got {self.batching!r}")
         for name in ("max_batch_size", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars",
-                     "torch_threads"):
+                     "torch_threads", "max_candidates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GalenInputError(f"serve setting {name} must be an integer >= 1, got {value!r}")
@@ -52,6 +56,9 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise GalenInputError(f"serve setting {name} must be a number >= 0, got {value!r}")
+        if self.clip_model_name is not None and (not isinstance(self.clip_model_name, str)
+                                                 or not self.clip_model_name.strip()):
+            raise GalenInputError(f"serve setting clip_model_name must be a name or null, got {self.clip_model_name!r}")
         if self.request_timeout_s == 0:
             raise GalenInputError("serve setting request_timeout_s must be > 0")
         if not isinstance(self.default_labels, list) or not all(isinstance(x, str) for x in self.default_labels):

@@ -100,8 +100,9 @@ def _cache_root(settings: ServeSettings, uri: str) -> Path:
     return root / store / settings.model_name
 
 
-def _model_folder(downloaded: Path) -> tuple[Path, dict[str, Any]]:
-    """(the Galen model folder, the pyfunc's model_config) of a downloaded version."""
+def _model_folder(downloaded: Path, marker: str = "config.json") -> tuple[Path, dict[str, Any]]:
+    """(the Galen model folder, the pyfunc's model_config) of a downloaded version; `marker` is the
+    config file that names the folder (open_clip_config.json for the contrastive model)."""
     import yaml
 
     model_config: dict[str, Any] = {}
@@ -110,16 +111,17 @@ def _model_folder(downloaded: Path) -> tuple[Path, dict[str, Any]]:
         flavor = ((yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}).get("python_function") or {}
         model_config = dict(flavor.get("config") or flavor.get("model_config") or {})
         art = ((flavor.get("artifacts") or {}).get("model") or {}).get("path")
-        if art and (downloaded / art / "config.json").is_file():
+        if art and (downloaded / art / marker).is_file():
             return downloaded / art, model_config
-    found = sorted(p.parent for p in downloaded.rglob("config.json") if (p.parent / "tokenizer.json").is_file())
+    found = sorted(p.parent for p in downloaded.rglob(marker) if (p.parent / "tokenizer.json").is_file())
     if not found:
         raise ModelUnavailable(f"the registered version in {downloaded} holds no Galen model folder (config.json + "
                                "tokenizer.json); register it with the model folder as artifact 'model'")
     return found[0], model_config
 
 
-def download(ref: ModelRef, settings: ServeSettings, uri: str) -> tuple[Path, dict[str, Any]]:
+def download(ref: ModelRef, settings: ServeSettings, uri: str, marker: str = "config.json"
+             ) -> tuple[Path, dict[str, Any]]:
     """The version's files on this node (downloaded once; replicas sharing a node share them:
     each downloads into a private folder and renames it into place, so none sees half a model)."""
     import mlflow
@@ -146,7 +148,7 @@ def download(ref: ModelRef, settings: ServeSettings, uri: str) -> tuple[Path, di
             raise ModelUnavailable(f"cannot download {ref.name} version {ref.version} from {uri}: {e}") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _model_folder(target)
+    return _model_folder(target, marker)
 
 
 def device_for(settings: ServeSettings) -> str:

@@ -504,11 +504,7 @@ def train(cfg: TrainConfig) -> dict:
     id_file = run_id_file(job_dir)
     resume_id = id_file.read()
 
-    if not ray.is_initialized():  # before the MLflow run: Ray failing to start leaves no run behind
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        else:  # local Ray: leave logical CPUs for Ray Data's read tasks beside the training workers
-            ray.init(num_cpus=(os.cpu_count() or 1) + cfg.num_workers, include_dashboard=False, log_to_driver=True)
+    start_ray(cfg.num_workers)  # before the MLflow run: Ray failing to start leaves no run behind
     run = TrainingRun.start_or_resume(cfg.experiment, run_name, resume_id, params=asdict(cfg),
                                       tags={"galen.stage": cfg.stage, "galen.job": job_name}, system_metrics=False)
     if not resume_id:
@@ -533,6 +529,25 @@ def train(cfg: TrainConfig) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
     )
+    return fit_and_finish(trainer, run, job_dir, cfg.out, cfg.metrics)
+
+
+def start_ray(num_workers: int) -> None:
+    """Join RAY_ADDRESS if set, else start a local Ray with logical CPUs to spare for Ray Data's
+    read tasks beside the training workers (shared by every `galen ... train`)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=(os.cpu_count() or 1) + num_workers, include_dashboard=False, log_to_driver=True)
+
+
+def fit_and_finish(trainer: Any, run: Any, job_dir: Any, out: str, metrics_file: str | None) -> dict:
+    """Run a Ray trainer, end its MLflow run with the outcome, mark the job finished (the next run of
+    the same params starts a new attempt) and write the final metrics file."""
     try:
         result = trainer.fit()
     except Exception:
@@ -540,9 +555,9 @@ def train(cfg: TrainConfig) -> dict:
         raise
     metrics = dict(result.metrics or {})
     run.end("FINISHED")
-    job_dir.write_text(FINISHED_MARKER, json.dumps({"run_id": run.run_id, "out": cfg.out}) + "\n")
-    if cfg.metrics:
-        Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.metrics).write_text(json.dumps({"run_id": run.run_id, **metrics}, indent=2) + "\n")
+    job_dir.write_text(FINISHED_MARKER, json.dumps({"run_id": run.run_id, "out": out}) + "\n")
+    if metrics_file:
+        Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_file).write_text(json.dumps({"run_id": run.run_id, **metrics}, indent=2) + "\n")
     return {"run_id": run.run_id, **metrics}
 
