@@ -194,6 +194,9 @@ def main() -> None:
     p.add_argument("--soak", type=int, default=10_000, help="requests of the soak run (0: skip)")
     p.add_argument("--soak-task", default="mixed", choices=["nli", "vqa", "classify", "ground", "mixed"])
     p.add_argument("--soak-clients", type=int, default=32)
+    p.add_argument("--ceiling-tasks", nargs="+", default=["nli", "vqa", "classify", "ground"],
+                   choices=["nli", "vqa", "classify", "ground"],
+                   help="tasks whose model-alone batch gain is measured too (besides --task)")
     p.add_argument("--model", help="a Galen model folder to register and serve (default: a random nano model)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -210,10 +213,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     folder = Path(args.model) if args.model else make_model(tmp)
     uri = register_model(folder, tmp)
-    ceiling = model_ceiling(folder, args.task, args.max_batch_size)
-    print(f"model alone ({args.task}): {ceiling['ms_per_request_alone']:.1f} ms per request one at a time, "
-          f"{ceiling['ms_per_request_batched']:.1f} ms in calls of {ceiling['batch']}: {ceiling['ratio']:.2f}x",
-          flush=True)
+    ceilings = {}
+    for task in dict.fromkeys([args.task, *args.ceiling_tasks]):
+        ceilings[task] = model_ceiling(folder, task, args.max_batch_size)
+        print(f"model alone ({task}): {ceilings[task]['ms_per_request_alone']:.1f} ms per request one at a time, "
+              f"{ceilings[task]['ms_per_request_batched']:.1f} ms in calls of {ceilings[task]['batch']}: "
+              f"{ceilings[task]['ratio']:.2f}x", flush=True)
+    ceiling = ceilings[args.task]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -237,7 +243,7 @@ def main() -> None:
             asyncio.run(load(url, bodies, 4, total=16))
 
         results: dict[str, Any] = {"machine": facts, "command": command_line(), "args": vars(args),
-                                   "model_ceiling": ceiling, "levels": {}}
+                                   "model_ceiling": ceiling, "model_ceilings": ceilings, "levels": {}}
         rows = []
         for level, clients in enumerate(args.clients):
             runs: dict[str, list[dict[str, Any]]] = {"batched": [], "unbatched": []}
@@ -281,7 +287,11 @@ def main() -> None:
               "requests/s")
         print(f"\nthe model alone: {ceiling['ms_per_request_alone']:.1f} ms per request one at a time, "
               f"{ceiling['ms_per_request_batched']:.1f} ms in calls of {ceiling['batch']} "
-              f"({ceiling['ratio']:.2f}x: the most batching can gain here)")
+              f"({ceiling['ratio']:.2f}x: the most batching can gain here)\n")
+        print(markdown_table(["task (model alone, no serving)", "ms/request one at a time",
+                              f"ms/request in calls of {args.max_batch_size}", "gain"],
+                             [[task, f"{c['ms_per_request_alone']:.1f}", f"{c['ms_per_request_batched']:.1f}",
+                               f"{c['ratio']:.2f}×"] for task, c in ceilings.items()]))
         for name, calls in health.items():
             print(f"\n{name} copy: {calls['requests']} requests in {calls['model_calls']} model calls (mean batch "
                   f"{calls['requests'] / max(1, calls['model_calls']):.1f}, largest {calls['largest_batch']}), "

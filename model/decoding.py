@@ -482,17 +482,18 @@ def closed_set_answers(model: GalenModel, input_ids: torch.Tensor | None, candid
         n = len(candidates)
         searched = [] if mode == "all" else [
             i for i, t in enumerate(candidates) if not t.search_is_exhaustive(beam_size, (c.pad_id, c.bos_id))]
-        scored = list(range(n)) if with_scores else [i for i in range(n) if i not in set(searched)]
+        scored = list(range(n)) if with_scores else sorted(set(range(n)) - set(searched))
         picks: list[int] = [0] * n
         scores: list[torch.Tensor | None] = [None] * n
+        device = encoder.hidden.device
         if scored:
-            sub = encoder if len(scored) == n else encoder.index_select(torch.tensor(scored, device=encoder.hidden.device))
+            sub = encoder if len(scored) == n else encoder.index_select(torch.tensor(scored, device=device))
             for i, lp in zip(scored, _candidate_log_probs(model, sub, [candidates[i] for i in scored])):
                 scores[i], picks[i] = lp, int(lp.argmax())
         if searched:
             longest = max(len(seq) for i in searched for seq in candidates[i].sequences)
             cfg = GenerationConfig(beam_size=beam_size, max_length=longest, min_length=1, length_penalty=0.0)
-            sub = encoder.index_select(torch.tensor(searched, device=encoder.hidden.device))
+            sub = encoder.index_select(torch.tensor(searched, device=device))
             hyps = _beam_search(model, sub, [candidates[i] for i in searched], cfg, None)
             for i, h in zip(searched, hyps):
                 picks[i] = candidates[i].index_of(h.tokens)
