@@ -1,0 +1,93 @@
+"""Contrastive training: params checked before any worker starts, then the demo training for real
+(`galen clip train`: 2 Ray Train workers under DeepSpeed, features gathered across them) must
+make zero-shot classification of held-out demo patches far better than chance, and the folder it
+writes must load in open_clip itself."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from model.errors import GalenCheckpointError, GalenInputError
+from tests.flows.train_procs import GalenJob, cleanup_dir, isolated_env, short_tmp
+
+
+@pytest.mark.parametrize("train, words", [
+    ({"stpes": 3}, "stpes (did you mean steps?)"),
+    ({"zero_stage": 3}, "zero_stage must be 0, 1 or 2"),
+    ({"sources": {"vqa": 1.0}}, "unknown pair sources ['vqa']"),
+    ({"sources": {"caption": 0}}, "one > 0"),
+    ({"batch_size": 1}, "needs negatives"),
+    ({"label_templates": ["no slot"]}, "one '{}' each"),
+    ({"config": "vit-huge"}, "config 'vit-huge' is not one of"),
+])
+def test_bad_params_are_named(train, words):
+    from flows.train.contrastive import load_clip_train_config
+
+    with pytest.raises(GalenInputError, match=re.escape(words)):
+        load_clip_train_config({"clip": {"train": train}})
+
+
+def test_missing_inputs_fail_before_any_worker(tmp_path, demo_shards):
+    from flows.train.contrastive import ClipTrainConfig, check_inputs
+
+    with pytest.raises(GalenInputError, match="run `dvc repro shards` first"):
+        check_inputs(ClipTrainConfig(shards=str(tmp_path / "nowhere")))
+    with pytest.raises(GalenInputError, match="no tokenizer"):
+        check_inputs(ClipTrainConfig(shards=str(demo_shards), tokenizer=str(tmp_path)))
+    with pytest.raises(GalenCheckpointError, match="open_clip_config.json"):
+        check_inputs(ClipTrainConfig(shards=str(demo_shards), init=str(tmp_path)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_demo_training_makes_zero_shot_far_better_than_chance(tmp_path, demo_shards, demo_model_dir):
+    import io
+
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from flows.evaluate_contrastive import evaluate_clip
+    from model.contrastive import ContrastiveModel
+
+    out = tmp_path / "clip"
+    train = {"config": "micro", "steps": 60, "batch_size": 32, "num_workers": 2, "zero_stage": 1,
+             "checkpoint_every": 30, "log_every": 10, "warmup_steps": 10, "max_failures": 0,
+             "shards": str(demo_shards), "tokenizer": str(demo_model_dir), "out": str(out),
+             "metrics": str(tmp_path / "train.json"), "storage_path": str(tmp_path / "storage"),
+             "experiment": "clip-test"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"clip": {"train": train}}))
+    ray_tmp = short_tmp("galen-ray-")
+    job = GalenJob(["clip", "train", "--params", str(tmp_path / "params.yaml")], tmp_path,
+                   isolated_env(ray_tmp, tmp_path / "mlflow.db"), tmp_path / "train.log")
+    try:
+        assert job.wait(1200) == 0, job.tail()
+    finally:
+        job.close()
+        cleanup_dir(ray_tmp)
+
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert report["step"] == 60 and report["run_id"]
+    metrics = evaluate_clip(out, demo_shards, tmp_path / "eval.json", log_mlflow=False)
+    zero = metrics["zero_shot"]
+    assert zero["accuracy"] > 3 * zero["chance"], zero          # 9 classes: chance 0.11
+    assert metrics["retrieval"]["image_to_text"]["recall_at_10"] > 0
+
+    model = ContrastiveModel.from_pretrained(out)
+    clip, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{out}")
+    clip.eval()
+    image = Image.open(io.BytesIO(next(iter(_images(demo_shards)))))
+    with torch.no_grad():
+        theirs = clip.encode_image(preprocess(image)[None], normalize=True)
+    torch.testing.assert_close(theirs, model.encode_images([image]), rtol=0, atol=1e-5)
+
+
+def _images(shards):
+    from flows.evaluate import eval_records
+
+    for r in eval_records(shards, "classification", 1):
+        yield r.image
