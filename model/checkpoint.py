@@ -7,7 +7,7 @@ The reference layouts (fairseq BiomedGPT/OFA, the transformers OFA port) live in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -72,21 +72,27 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location).eval()
 
 
-def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict) with every shape checked first and all problems listed in one message."""
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                      names: Callable[[str], str] | None = None,
+                      hint: str = "Is config.json the one saved with these weights?") -> None:
+    """load_state_dict(strict) with every shape checked first and all problems listed in one message.
+
+    `names` shows a key as the checkpoint's own layout calls it (an importer's renamed keys), so the
+    message lists what the user can find in their file."""
+    name = names or (lambda k: k)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+    missing = sorted(name(k) for k in set(expected) - set(state))
+    unexpected = sorted(name(k) for k in set(state) - set(expected))
+    wrong = sorted(f"{name(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                    for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or wrong:
         def show(items: list[str]) -> str:
             return ", ".join(items[:20]) + (f" ... ({len(items)} in all)" if len(items) > 20 else "")
         parts = [f"{len(missing)} missing: {show(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {show(unexpected)}" if unexpected else "",
+                 f"{len(unexpected)} unexpected (could not be placed): {show(unexpected)}" if unexpected else "",
                  f"{len(wrong)} with other shapes: {show(wrong)}" if wrong else ""]
         raise GalenCheckpointError(f"{source} does not fit this model config — " + "; ".join(p for p in parts if p)
-                                   + ". Is config.json the one saved with these weights?")
+                                   + f". {hint}")
     model.load_state_dict(dict(state), strict=True)
 
 

@@ -22,7 +22,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -69,6 +69,15 @@ def fairseq_to_hf_key(key: str) -> str:
     return (key.replace("self_attn_ln", "self_attn_mid_layer_norm").replace("ffn_layernorm", "ffn_layer_norm")
             .replace("cross_attn_ln", "cross_attn_mid_layer_norm").replace("encoder_attn", "cross_attn")
             .replace("attn_ln", "self_attn_mid_layer_norm"))
+
+
+def hf_to_fairseq_key(key: str) -> str:
+    """transformers-OFA names -> OFA fairseq names (the inverse of `fairseq_to_hf_key`)."""
+    if key.startswith("encoder."):
+        key = key.replace("self_attn_mid_layer_norm", "attn_ln")
+    key = re.sub(r"cross_attn(?=\.|_layer_norm)", "encoder_attn", key)
+    return (key.replace("self_attn_mid_layer_norm", "self_attn_ln").replace("cross_attn_mid_layer_norm", "cross_attn_ln")
+            .replace("ffn_layer_norm", "ffn_layernorm"))
 
 
 def hf_to_galen_key(key: str) -> str:
@@ -258,6 +267,15 @@ def to_galen_state(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
             if k not in REFERENCE_BUFFERS and k not in REFERENCE_TIED}
 
 
+def reference_key_name(layout: str, hf_keys: Mapping[str, str]) -> Callable[[str], str]:
+    """Galen key -> the name it has (or would have) in the imported file, for error messages:
+    `hf_keys` maps the transformers names of this file to its own names."""
+    def name(key: str) -> str:
+        hf = galen_to_hf_key(key)
+        return hf_keys.get(hf) or (hf_to_fairseq_key(hf) if layout == "fairseq" else hf)
+    return name
+
+
 def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> ImportedCheckpoint:
     """Build a Galen model from a fairseq `.pt` file or a transformers-OFA folder, loading strictly."""
     from model.generalist import GalenModel
@@ -279,6 +297,7 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
         else:
             raw = _state_dict(ckpt["model"], f"{path} 'model'")
         hf_state = {fairseq_to_hf_key(k): v for k, v in raw.items() if k not in ("encoder.version", "decoder.version")}
+        file_names = {fairseq_to_hf_key(k): k for k in raw}
     elif layout == "hf":
         if not path.is_dir():
             raise GalenCheckpointError(f"{path} is not a folder; --from hf takes the transformers-OFA model folder "
@@ -298,6 +317,7 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
             hf_state = _state_dict(read_torch_file(path / "pytorch_model.bin"), f"{path}/pytorch_model.bin")
         else:
             raise GalenCheckpointError(f"{path} has neither pytorch_model.bin nor model.safetensors")
+        file_names = {k: k for k in hf_state}
     else:
         raise GalenCheckpointError(f"unknown layout {layout!r}; use 'fairseq' or 'hf'")
 
@@ -306,7 +326,9 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
     _untie(hf_state)
     _frozen_batchnorm_counters(hf_state, cfg)
     model = GalenModel(cfg)
-    load_state_strict(model, to_galen_state(hf_state), source=str(path))
+    load_state_strict(model, to_galen_state(hf_state), source=str(path), names=reference_key_name(layout, file_names),
+                      hint=f"Keys are named as in the {layout} checkpoint; the file's layout differs from the "
+                           "OFA/BiomedGPT one (or from the architecture its other tensors imply).")
     return ImportedCheckpoint(model.eval(), layout, str(path), use_ema, meta)
 
 

@@ -14,7 +14,8 @@ import torch
 from model.config import REFERENCE_PARAMS, SIZES, get_config
 from model.errors import GalenCheckpointError
 from model.generalist import GalenModel
-from model.interop import export_hf_ofa, galen_to_hf_key, import_reference, infer_config, read_torch_file
+from model.interop import (export_hf_ofa, fairseq_to_hf_key, galen_to_hf_key, hf_to_fairseq_key,
+                           import_reference, infer_config, read_torch_file)
 from tests.conftest import REFERENCE_CHECK, load_reference_case
 
 
@@ -109,14 +110,33 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         import_reference(tmp_path / "bart.pt", "fairseq")
 
 
-def test_missing_or_extra_keys_are_listed(tmp_path, fairseq_ckpt):
+def test_missing_or_extra_keys_are_listed_by_the_checkpoints_own_names(tmp_path, fairseq_ckpt, hf_dir):
     ckpt = read_torch_file(fairseq_ckpt)
-    del ckpt["model"]["decoder.layers.1.fc2.bias"]
+    del ckpt["model"]["decoder.layers.1.fc2.bias"], ckpt["model"]["encoder.layers.1.attn_ln.weight"]
     ckpt["model"]["decoder.mystery.weight"] = torch.zeros(3)
+    ckpt["model"]["decoder.layers.0.encoder_attn.c_attn"] = torch.ones(5)
     torch.save(ckpt, tmp_path / "odd.pt")
-    with pytest.raises(GalenCheckpointError, match=r"1 missing: decoder\.layers\.1\.ffn\.fc2\.bias.*"
-                                                   r"1 unexpected: decoder\.mystery\.weight"):
+    with pytest.raises(GalenCheckpointError) as err:
         import_reference(tmp_path / "odd.pt", "fairseq")
+    assert "2 missing: decoder.layers.1.fc2.bias, encoder.layers.1.attn_ln.weight;" in str(err.value)
+    assert "1 unexpected (could not be placed): decoder.mystery.weight;" in str(err.value)
+    assert "1 with other shapes: decoder.layers.0.encoder_attn.c_attn: checkpoint (5,) vs model (4,)" in str(err.value)
+    assert "Keys are named as in the fairseq checkpoint" in str(err.value)
+
+    state = torch.load(hf_dir / "pytorch_model.bin", weights_only=True)
+    del state["decoder.layers.1.cross_attn_mid_layer_norm.bias"]
+    (tmp_path / "hf").mkdir()
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    (tmp_path / "hf" / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(GalenCheckpointError, match=r"1 missing: decoder\.layers\.1\.cross_attn_mid_layer_norm\.bias"):
+        import_reference(tmp_path / "hf", "hf")
+
+
+def test_fairseq_and_transformers_names_map_both_ways():
+    for entry in json.loads((REFERENCE_CHECK / "keys_fairseq.json").read_text()):
+        if entry["hf_key"] is not None:
+            assert fairseq_to_hf_key(entry["key"]) == entry["hf_key"]
+            assert hf_to_fairseq_key(entry["hf_key"]) == entry["key"]
 
 
 def test_ema_weights_on_request(tmp_path, fairseq_ckpt):
