@@ -159,6 +159,46 @@ def test_code_targets_use_image_positions():
     assert (text.logits - code.logits).abs().max() > 1e-3
 
 
+def test_code_target_biases_and_embedding_follow_the_reference_buffers():
+    """For code samples the decoder uses embed_image_positions[image_position_idx[:T]] through image_pos_ln,
+    the image relative buckets image_rp_bucket[idx][:, idx], and code_layernorm_embedding; built here from
+    the reference's own buffers (buffers_hf.npz), not from Galen's bucket code."""
+    import numpy as np
+
+    buffers = np.load(REFERENCE_CHECK / "buffers_hf.npz")
+    idx = torch.from_numpy(buffers["fairseq.decoder.image_position_idx"]).long()
+    rp = torch.from_numpy(buffers["decoder.image_rp_bucket"]).long()
+    model, length = nano(V), 20
+    dec = model.decoder
+    with torch.no_grad():
+        enc = model.encode(ids([0, 5, 6, 2]), torch.randn(1, 3, 128, 128))
+        self_biases, cross = dec.position_biases(length, enc, torch.tensor([True]))
+        pos = dec.image_pos_ln(dec.embed_image_positions(idx[:length]))[None]
+        for layer in range(len(dec.layers)):
+            rel = dec.image_rel_pos_table_list[layer].weight[rp[idx[:length]][:, idx[:length]]].permute(2, 0, 1)
+            torch.testing.assert_close(self_biases[layer], dec.self_abs_pos(pos, pos) + rel)
+        torch.testing.assert_close(cross, dec.cross_abs_pos(pos, enc.positions))
+        x = torch.randn(1, length, model.cfg.d_model)
+        torch.testing.assert_close(dec.embed(x, 0, torch.tensor([True])), dec.code_layernorm_embedding(x))
+        torch.testing.assert_close(dec.embed(x, 0, torch.tensor([False])), dec.layernorm_embedding(x))
+
+
+def test_incremental_decoding_equals_teacher_forcing_for_padded_masked_and_code_batches():
+    """The KV-cached path the generators use gives the teacher-forced hidden states for a batch that
+    mixes padded prompts, a masked image (patch_masks False) and text vs code targets (code_masks)."""
+    model = nano(V)
+    prompt = ids([0, 5, 6, 7, 8, 2], [0, 9, 2])
+    targets = ids([0, 30, 31, 32, 33], [0, 40, 41, 42, 43])
+    code_masks = torch.tensor([False, True])
+    with torch.no_grad():
+        enc = model.encode(prompt, torch.randn(2, 3, 128, 128), patch_masks=torch.tensor([True, False]))
+        full = model.decode(targets, enc, code_masks)
+        cache = model.init_cache(enc, max_length=8, code_masks=code_masks)
+        steps = torch.cat([model.decoder.step(model.embed_tokens(targets[:, t:t + 1]), cache)
+                           for t in range(targets.shape[1])], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
 # -- fidelity to the reference implementation: tests/model/test_interop.py imports the reference
 # weights in both layouts and reproduces the reference forward pass.
 
