@@ -405,12 +405,17 @@ def _registry_config(args: argparse.Namespace):
 
 
 def cmd_register(args: argparse.Namespace) -> None:
+    cfg, params = _registry_config(args)
+    _register_and_promote(args, cfg, params)
+
+
+def _register_and_promote(args: argparse.Namespace, cfg: Any, params: dict, kind: Any = None) -> None:
+    """register (+ promote with --promote), printing the decision and writing --report."""
     from dataclasses import asdict
 
-    from flows.registry import aliases, promote, register
+    from flows.registry import GENERALIST, aliases, promote, register
 
-    cfg, params = _registry_config(args)
-    reg = register(args.model, cfg, params, metrics_file=args.metrics, run_id=args.run_id)
+    reg = register(args.model, cfg, params, metrics_file=args.metrics, run_id=args.run_id, kind=kind or GENERALIST)
     print(f"registered {reg.name} version {reg.version} from run {reg.run_id} (model sha256 {reg.sha256[:12]})")
     report = asdict(reg)
     if args.promote:
@@ -480,22 +485,10 @@ def _clip_registry_config(args: argparse.Namespace):
 
 
 def cmd_clip_register(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
-
-    from flows.registry import CONTRASTIVE, aliases, promote, register
+    from flows.registry import CONTRASTIVE
 
     cfg, params = _clip_registry_config(args)
-    reg = register(args.model, cfg, params.get("clip") or {}, metrics_file=args.metrics, run_id=args.run_id,
-                   kind=CONTRASTIVE)
-    print(f"registered {reg.name} version {reg.version} from run {reg.run_id} (model sha256 {reg.sha256[:12]})")
-    report = asdict(reg)
-    if args.promote:
-        decision = promote(cfg, version=reg.version)
-        print(decision.message)
-        report.update(promoted=decision.promoted, decision=decision.message, aliases=aliases(cfg))
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    _register_and_promote(args, cfg, params.get("clip") or {}, CONTRASTIVE)
 
 
 def cmd_clip_import(args: argparse.Namespace) -> None:

@@ -59,6 +59,7 @@ class ClipTrainConfig:
     out: str = "artifacts/clip_model"
     metrics: str | None = None
     log_every: int = 10
+    cache_rows: int = 10000                 # a worker's shard of a source up to this many rows is cycled in memory
 
     def check(self) -> None:
         from flows.train.trainer import PLACEMENT_STRATEGIES
@@ -72,7 +73,7 @@ class ClipTrainConfig:
                             f"every step; ZeRO-2 already shards what pays off), got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision must be fp32 or bf16, got {self.precision!r}")
-        for name in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every", "cache_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
@@ -207,9 +208,28 @@ def clip_worker(config: dict) -> None:
     shards = {t: ray.train.get_dataset_shard(t) for t in config["counts"]}
 
     def rows(task: str):
-        skip = consumed[task]
-        while True:
+        """Endless rows of a task's shard, resuming after the rows consumed before. A shard of at most
+        `cache_rows` rows per worker is read once and then cycled in memory: every new epoch of a Ray
+        Data stream starts a new read of the files, which costs seconds, and a small caption set runs
+        through several epochs per step. The order is the same either way, so resume positions hold."""
+        skip, cache = consumed[task], []
+        for row in shards[task].iter_rows():
+            if cache is not None:
+                cache.append(row)
+                if len(cache) > cfg.cache_rows:
+                    cache = None
+            if skip:
+                skip -= 1
+                continue
+            yield row
+        while cache is None:  # a large shard: stream epoch after epoch
             for row in shards[task].iter_rows():
+                if skip:
+                    skip -= 1
+                    continue
+                yield row
+        while True:
+            for row in cache:
                 if skip:
                     skip -= 1
                     continue
