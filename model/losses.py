@@ -18,6 +18,12 @@ class LossOutput:
     loss: torch.Tensor      # mean label-smoothed loss per target token (what the optimizer sees)
     nll: torch.Tensor       # mean negative log-likelihood per target token (what to report)
     num_tokens: int
+    row_nll: torch.Tensor   # (B,) summed negative log-likelihood of each row's target tokens (no grad)
+    row_tokens: torch.Tensor  # (B,) target tokens per row
+
+    def mean_nll(self, rows: torch.Tensor) -> float:
+        """Mean NLL per target token over a subset of rows (bool mask), e.g. one task's rows."""
+        return float(self.row_nll[rows].sum() / self.row_tokens[rows].sum().clamp(min=1))
 
 
 def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.1,
@@ -44,7 +50,8 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps
     loss = (1.0 - epsilon) * nll + eps_i * smooth
     n = int(keep.sum())
     denom = max(n, 1)
-    return LossOutput(loss.sum() / denom, nll.sum() / denom, n)
+    row_nll = torch.zeros(target.shape[0], device=nll.device).index_add_(0, keep.nonzero()[:, 0], nll.detach())
+    return LossOutput(loss.sum() / denom, nll.sum() / denom, n, row_nll, keep.sum(-1))
 
 
 def contrastive_loss(rank: int = 0, world_size: int = 1) -> torch.nn.Module:

@@ -389,13 +389,9 @@ def train_worker(config: dict) -> None:
                                                     allowed=batch.allowed)
                 parts.append(loss.loss * loss.num_tokens)
                 tokens += loss.num_tokens
-                with torch.no_grad():  # per-objective loss for the curves (rows of one objective)
-                    for task in set(batch.tasks):
-                        keep = torch.tensor([t == task for t in batch.tasks])
-                        nll = label_smoothed_cross_entropy(
-                            out.logits[keep].detach(), batch.target[keep], 0.0, tok.pad_id,
-                            allowed=None if batch.allowed is None else batch.allowed[keep]).nll
-                        task_losses.setdefault(task, []).append(float(nll))
+                for task in set(batch.tasks):  # per-objective loss for the curves (rows of one objective)
+                    rows = torch.tensor([t == task for t in batch.tasks], device=loss.row_nll.device)
+                    task_losses.setdefault(task, []).append(loss.mean_nll(rows))
             engine.backward(sum(parts) / max(tokens, 1))
             engine.step()
             window_samples += len(examples)

@@ -186,6 +186,25 @@ def test_allowed_is_trie_children_and_loss_runs_on_nano(tok):
     assert loss.nll < free.nll  # restricting to the trie can only raise the target's probability
 
 
+def test_per_row_nll_gives_each_tasks_loss_without_a_second_softmax():
+    """The training curves' per-objective loss comes from the batch's one loss computation: the rows of
+    one task must give exactly the NLL of those rows computed alone (trie restriction included)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, 30, generator=g)
+    target = torch.randint(4, 30, (5, 4), generator=g)
+    target[1, 2:] = 1  # padding (pad_id 1): rows of different lengths
+    target[3, 1:] = 1
+    allowed = torch.rand(5, 4, 30, generator=g) > 0.3
+    allowed.scatter_(-1, target[..., None], True)
+    whole = label_smoothed_cross_entropy(logits, target, 0.1, 1, allowed=allowed)
+    for rows in ([0, 2], [1, 3], [4], [0, 1, 2, 3, 4]):
+        mask = torch.zeros(5, dtype=torch.bool)
+        mask[rows] = True
+        alone = label_smoothed_cross_entropy(logits[mask], target[mask], 0.0, 1, allowed=allowed[mask])
+        assert whole.mean_nll(mask) == pytest.approx(float(alone.nll), rel=1e-6)
+    assert whole.row_tokens.tolist() == [4, 2, 4, 1, 4]
+
+
 # ----------------------------------------------------------------------------- pretraining objectives
 
 SENTENCE = ("the chest x ray shows a small nodule in the left lung and there is no effusion while the heart "
