@@ -177,8 +177,10 @@ class GalenTextEncoder:
 
 
 class HFTextEncoder:
-    """A transformers tokenizer read from local files (vocab.txt, tokenizer_config.json ...),
-    padded to the context as open_clip does."""
+    """A transformers tokenizer read from local files (vocab.txt, tokenizer_config.json ...). Cut
+    to the context; padded to the longest text of the batch, not to the context as open_clip's
+    tokenizer does: the tower masks padding, so the embeddings are the same and a short text does
+    not pay for 256 positions."""
 
     def __init__(self, folder: str | Path, context_length: int) -> None:
         from transformers import AutoTokenizer
@@ -194,7 +196,7 @@ class HFTextEncoder:
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         out = self.tokenizer(list(texts), return_tensors="pt", max_length=self.context_length,
-                             padding="max_length", truncation=True)
+                             padding="longest", truncation=True)
         return out.input_ids
 
     def token_count(self, text: str) -> int:

@@ -124,6 +124,29 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(micro, tmp_path):
         open_clip.get_tokenizer(f"local-dir:{tmp_path / 'm'}")
 
 
+def test_cli_export_and_embed(micro, tmp_path, capsys):
+    """`galen clip export` writes the released layout (open_clip_pytorch_model.bin, no Galen section),
+    which open_clip and Galen both load; `galen clip embed` prints the same numbers as the API."""
+    import open_clip
+
+    from flows.cli import main
+
+    micro.save_pretrained(tmp_path / "m")
+    assert main(["clip", "export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "open_clip_pytorch_model.bin").is_file()
+    assert "galen" not in json.loads((tmp_path / "x" / CONFIG_FILE).read_text())
+    clip, _ = open_clip.create_model_from_pretrained(f"local-dir:{tmp_path / 'x'}")
+    exported = ContrastiveModel.from_pretrained(tmp_path / "x")
+    torch.testing.assert_close(exported.encode_texts(["a nodule"]), micro.encode_texts(["a nodule"]))
+    capsys.readouterr()
+    assert main(["clip", "embed", "--model", str(tmp_path / "x"), "--text", "a nodule"]) == 0
+    printed = torch.tensor(json.loads(capsys.readouterr().out))
+    torch.testing.assert_close(printed, micro.encode_texts(["a nodule"])[0], rtol=0, atol=1e-5)
+    (tmp_path / "p.png").write_bytes(_png(1))
+    assert main(["clip", "embed", "--model", str(tmp_path / "x"), "--image", str(tmp_path / "p.png"),
+                 "--labels", "nodule", "nodule"]) == 2  # duplicate labels: a clear error, exit status 2
+
+
 BERT_VOCAB = ["[PAD]", *[f"[unused{i}]" for i in range(99)], "[UNK]", "[CLS]", "[SEP]", "[MASK]",
               "the", "heart", "is", "enlarged", "nodule", "lung", "a", "of", "image", "there", "no", "."]
 
@@ -158,11 +181,13 @@ def test_official_biomedclip_folder_loads_offline(biomedclip_release, tmp_path, 
     model = ContrastiveModel.from_pretrained(folder)
     assert model.spec.embed_dim == 512 and model.spec.context_length == 256 and model.spec.image_size == 224
     ids = model.text_encoder(["The heart is enlarged."])
-    assert ids.shape == (1, 256) and ids[0, 0] == BERT_VOCAB.index("[CLS]")
+    assert ids[0, 0] == BERT_VOCAB.index("[CLS]") and ids[0, -1] == BERT_VOCAB.index("[SEP]")
     assert ids[0, 1:5].tolist() == [BERT_VOCAB.index(w) for w in ("the", "heart", "is", "enlarged")]
+    as_open_clip = torch.zeros(1, 256, dtype=torch.long)  # open_clip pads to the context; the tower masks padding
+    as_open_clip[0, :ids.shape[1]] = ids[0]
     with torch.no_grad():
-        want = F.normalize(reference.encode_text(ids), dim=-1)
-    torch.testing.assert_close(model.encode_texts(["The heart is enlarged."]), want)
+        want = F.normalize(reference.encode_text(as_open_clip), dim=-1)
+    torch.testing.assert_close(model.encode_texts(["The heart is enlarged."]), want, rtol=0, atol=1e-5)
     image = Image.open(io.BytesIO(_png(3, 240)))
     with torch.no_grad():
         want = F.normalize(reference.encode_image(model.preprocess(image)[None]), dim=-1)
