@@ -76,8 +76,8 @@ def hf_to_fairseq_key(key: str) -> str:
     if key.startswith("encoder."):
         key = key.replace("self_attn_mid_layer_norm", "attn_ln")
     key = re.sub(r"cross_attn(?=\.|_layer_norm)", "encoder_attn", key)
-    return (key.replace("self_attn_mid_layer_norm", "self_attn_ln").replace("cross_attn_mid_layer_norm", "cross_attn_ln")
-            .replace("ffn_layer_norm", "ffn_layernorm"))
+    return (key.replace("self_attn_mid_layer_norm", "self_attn_ln")
+            .replace("cross_attn_mid_layer_norm", "cross_attn_ln").replace("ffn_layer_norm", "ffn_layernorm"))
 
 
 def hf_to_galen_key(key: str) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from tests.flows.test_cli import galen
 from tests.flows.test_import_cli import write_full_size_bpe
-from tests.flows.train_procs import GalenJob, cleanup_dir, isolated_env, metric_history, only_run, short_tmp, write_params
+from tests.flows.train_procs import metric_history, only_run, run_galen_to_end, write_params
 from tests.model.test_interop import assert_reproduces_reference, make_weights
 
 # BatchNorm parameters and buffers of the backbone: frozen by --freeze-resnet, so training must not move them
@@ -55,14 +55,7 @@ def test_finetune_from_an_imported_folder(tmp_path, demo_shards, imported, case_
                           tasks=["vqa", "nli"], steps=3, batch_size=2, num_workers=2, zero_stage=2,
                           checkpoint_every=3, max_failures=0, lr=1e-3, warmup_ratio=0.0, log_every=1,
                           experiment="imported", storage_path=str(storage), shards=str(demo_shards), out=str(out))
-    ray_tmp = short_tmp("galen-ray-")
-    job = GalenJob(["train", "--stage", "finetune", "--params", str(params), "--init", str(imported)], tmp_path,
-                   isolated_env(ray_tmp, tmp_path / "mlflow.db"), tmp_path / "train.log")
-    try:
-        assert job.wait(1200) == 0, job.tail()
-    finally:
-        job.close()
-        cleanup_dir(ray_tmp)
+    run_galen_to_end(["train", "--stage", "finetune", "--params", str(params), "--init", str(imported)], tmp_path)
 
     # the loss of every step was logged and is finite
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.flows.train_procs import SMALL_JOB, GalenJob, cleanup_dir, isolated_env, short_tmp, write_params
+from tests.flows.train_procs import SMALL_JOB, run_galen_to_end, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,7 @@ def test_zero3_training_consolidates_the_shards_into_a_model_folder(tmp_path, de
     params = write_params(tmp_path / "params.yaml", **job, experiment="zero3", storage_path=str(storage),
                           shards=str(demo_shards), tokenizer=str(demo_model_dir), init=str(demo_model_dir),
                           out=str(out), metrics=str(tmp_path / "m.json"))
-    ray_tmp = short_tmp("galen-ray-")
-    job = GalenJob(["train", "--stage", "finetune", "--params", str(params)], tmp_path,
-                   isolated_env(ray_tmp, tmp_path / "mlflow.db"), tmp_path / "train.log")
-    try:
-        assert job.wait(1200) == 0, job.tail()
-    finally:
-        job.close()
-        cleanup_dir(ray_tmp)
+    run_galen_to_end(["train", "--stage", "finetune", "--params", str(params)], tmp_path)
 
     trained = GalenModel.from_pretrained(out)                      # strict: every key, every shape
     init = GalenModel.from_pretrained(demo_model_dir)

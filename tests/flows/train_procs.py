@@ -177,6 +177,18 @@ class GalenJob:
         self.proc.wait(timeout=30)
 
 
+def run_galen_to_end(args: list[str], workdir: Path, timeout: float = 1200) -> None:
+    """Run one `galen ...` job in its own Ray (temp dir) and MLflow store (`workdir/mlflow.db`) until
+    it exits, assert it succeeded (showing its log otherwise), and stop everything it started."""
+    ray_tmp = short_tmp("galen-ray-")
+    job = GalenJob(args, workdir, isolated_env(ray_tmp, workdir / "mlflow.db"), workdir / "train.log")
+    try:
+        assert job.wait(timeout) == 0, job.tail()
+    finally:
+        job.close()
+        cleanup_dir(ray_tmp)
+
+
 def wait_for(predicate, timeout: float, what: str, job: GalenJob | None = None, poll: float = 0.2):
     """Poll until `predicate()` returns something truthy (and return it); fail with the job's log."""
     deadline = time.monotonic() + timeout
