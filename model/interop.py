@@ -189,6 +189,7 @@ def infer_config(hf_state: Mapping[str, torch.Tensor], meta: Any) -> GalenConfig
         code_layernorm_embedding="decoder.code_layernorm_embedding.weight" in hf_state,
         attn_scale_factor=float(_meta_value(meta, "attn_scale_factor", default=2.0)),
         code_image_size=int(_meta_value(meta, "code_image_size", default=128)),
+        image_size=int(_meta_value(meta, "patch_image_size", default=256)),  # e.g. 384 for base VQA fine-tunes
         dropout=float(_meta_value(meta, "dropout", default=0.1)),
         attention_dropout=float(_meta_value(meta, "attention_dropout", default=0.0)),
         activation_dropout=float(_meta_value(meta, "activation_dropout", default=0.0)),
@@ -355,7 +356,8 @@ def hf_config(cfg: GalenConfig) -> dict[str, Any]:
         "image_bucket_size": cfg.image_bucket_size, "attn_scale_factor": cfg.attn_scale_factor,
         "code_image_size": cfg.code_image_size, "resnet_type": BACKBONE_NAMES[cfg.resnet_depths],
         "normformer": cfg.normformer, "entangle_position_embedding": cfg.encoder_entangle_positions,
-        "freeze_resnet": cfg.freeze_batchnorm,  # not read by the port; kept so a re-import is lossless
+        # not read by the port; kept so a re-import is lossless
+        "freeze_resnet": cfg.freeze_batchnorm, "patch_image_size": cfg.image_size,
         "code_layernorm_embedding": cfg.code_layernorm_embedding, "add_type_embedding": True,
         "layernorm_embedding": True, "patch_layernorm_embedding": True, "encoder_normalize_before": True,
         "decoder_normalize_before": True, "scale_embedding": False, "share_decoder_input_output_embed": True,

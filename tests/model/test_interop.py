@@ -180,6 +180,17 @@ def test_frozen_resnet_checkpoint_without_batchnorm_counters_imports_and_round_t
         import_reference(tmp_path / "unfrozen.pt", "fairseq")
 
 
+def test_input_resolution_follows_the_checkpoint_and_survives_export(tmp_path, fairseq_ckpt, case):
+    ckpt = read_torch_file(fairseq_ckpt)
+    ckpt["args"].patch_image_size = 384  # a BiomedGPT-B VQA fine-tune
+    torch.save(ckpt, tmp_path / "vqa.pt")
+    model = import_reference(tmp_path / "vqa.pt", "fairseq").model
+    assert model.cfg.image_size == 384 and import_reference(fairseq_ckpt, "fairseq").model.cfg.image_size == 256
+    assert_reproduces_reference(model, case)
+    export_hf_ofa(model, tmp_path / "hf")
+    assert import_reference(tmp_path / "hf", "hf").model.cfg == model.cfg
+
+
 def test_sync_batchnorm_checkpoint_is_refused(tmp_path, fairseq_ckpt):
     ckpt = read_torch_file(fairseq_ckpt)
     ckpt["args"].sync_bn = True
