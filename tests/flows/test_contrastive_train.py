@@ -91,3 +91,42 @@ def _images(shards):
 
     for r in eval_records(shards, "classification", 1):
         yield r.image
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # 24 min measured at load average 35 on the shared 2-core VM; a few minutes when quiet
+def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tmp_path, demo_shards, demo_model_dir):
+    """SIGKILL one Ray Train worker after the first checkpoint: Ray Train restarts the group from it
+    (FailureConfig) and the job finishes every step in its one MLflow run."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.flows.train_procs import local_checkpoint_step, metric_history, only_run, wait_for
+
+    storage = tmp_path / "storage"
+    train = {"config": "micro", "steps": 12, "batch_size": 8, "num_workers": 2, "checkpoint_every": 4,
+             "log_every": 1, "warmup_steps": 2, "max_failures": 2, "shards": str(demo_shards),
+             "tokenizer": str(demo_model_dir), "out": str(tmp_path / "clip"), "metrics": str(tmp_path / "m.json"),
+             "storage_path": str(storage), "experiment": "clip-faults"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"clip": {"train": train}}))
+    ray_tmp = short_tmp("galen-ray-")
+    job = GalenJob(["clip", "train", "--params", str(tmp_path / "params.yaml")], tmp_path,
+                   isolated_env(ray_tmp, tmp_path / "mlflow.db"), tmp_path / "train.log")
+    try:
+        wait_for(lambda: (local_checkpoint_step(storage) or 0) >= 4, 900, "a first checkpoint", job)
+        victim = wait_for(job.workers, 60, "a Ray Train worker", job)[-1]
+        victim.send_signal(signal.SIGKILL)
+        assert job.wait(1200) == 0, job.tail()
+    finally:
+        job.close()
+        cleanup_dir(ray_tmp)
+
+    assert json.loads((tmp_path / "m.json").read_text())["step"] == 12
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = only_run(client, "clip-faults")                                  # one run, resumed in place
+    assert int(run.data.tags.get("galen.checkpoint_restores", "0")) >= 1
+    resumed = metric_history(client, run.info.run_id, "resumed_from_step")
+    assert resumed and all(step % 4 == 0 and step >= 4 for step, _ in resumed)
+    assert {s for s, _ in metric_history(client, run.info.run_id, "loss")} == set(range(1, 13))
+    assert (tmp_path / "clip" / "open_clip_model.safetensors").is_file()
