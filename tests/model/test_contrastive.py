@@ -266,3 +266,25 @@ def test_zero_shot_probabilities(micro):
     one = micro.class_embeddings(["nodule", "effusion"], templates=["{}."])
     torch.testing.assert_close(avg.norm(dim=-1), torch.ones(2))
     assert not torch.allclose(avg, one)
+
+
+def test_retrieval_index_round_trip_and_mismatch(micro, tmp_path, demo_tokenizer):
+    from model.contrastive import RetrievalIndex
+
+    images = [_png(k) for k in range(4)]
+    captions = ["a nodule", "an effusion", "a normal chest", "an enlarged heart"]
+    index = RetrievalIndex.build(micro, images, captions, [{"id": str(k)} for k in range(4)])
+    again = RetrievalIndex.load(index.save(tmp_path / "ix"))
+    assert again.items[1] == {"id": "1", "caption": "an effusion"}
+    query = micro.encode_texts(["an effusion"])
+    hits = again.search(query, "texts", 2)[0]
+    assert hits[0][0] == 1 and hits[0][1] == pytest.approx(1.0, abs=1e-5)  # the identical caption first
+    want = (query @ micro.encode_images(images).T)[0].argsort(descending=True)[:3].tolist()
+    assert [i for i, _ in again.search(query, "images", 3)[0]] == want
+    other = ContrastiveModel(build_clip(get_spec("small", demo_tokenizer)), get_spec("small", demo_tokenizer),
+                             micro.text_encoder)
+    with pytest.raises(GalenCheckpointError, match="128-d embeddings but the model makes 256-d"):
+        again.check_model(other)
+    (tmp_path / "ix" / "items.jsonl").write_text('{"id": "0"}\n')
+    with pytest.raises(GalenCheckpointError, match="inconsistent"):
+        RetrievalIndex.load(tmp_path / "ix")
