@@ -253,8 +253,9 @@ def clip_worker(config: dict) -> None:
             consumed[source] += 1
             images.append(augment(load_image(record.image)))
             texts.append(pair_text(record, cfg.label_templates, rng))
-        out = engine(torch.stack(images).to(engine.device), wrapper.text_encoder(texts).to(engine.device))
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        pixels = torch.stack(images).to(engine.device, dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+        out = engine(pixels, wrapper.text_encoder(texts).to(engine.device))
+        loss = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
         engine.backward(loss)
         engine.step()
         with torch.no_grad():  # CLIP caps the temperature at 100
