@@ -60,16 +60,19 @@ def test_missing_shards_tokenizer_or_task_data_are_clear(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def split_then_drop_a_shard(shards: Path, task: str = "vqa") -> Path:
-    """The task's training rows split over two shard files, then one of them lost."""
+    """One of the task's training shard files lost (a single file is split in two first)."""
     import pyarrow.parquet as pq
 
-    (only,) = sorted((shards / task / "train").glob("*.parquet"))
-    table = pq.read_table(only)
-    half = table.num_rows // 2
-    pq.write_table(table.slice(0, half), only.with_name("part-a.parquet"))
-    pq.write_table(table.slice(half), only.with_name("part-b.parquet"))
-    only.unlink()
-    (shards / task / "train" / "part-b.parquet").unlink()
+    files = sorted((shards / task / "train").glob("*.parquet"))
+    if len(files) == 1:
+        (only,) = files
+        table = pq.read_table(only)
+        half = table.num_rows // 2
+        files = [only.with_name("part-a.parquet"), only.with_name("part-b.parquet")]
+        pq.write_table(table.slice(0, half), files[0])
+        pq.write_table(table.slice(half), files[1])
+        only.unlink()
+    files[-1].unlink()
     return shards
 
 
@@ -78,7 +81,7 @@ BAD_INPUTS = {
     "out_of_range": ({"zero_stage": 5}, "zero_stage must be 0, 1, 2 or 3"),
     "placement": ({"placement_strategy": "SPREAD_OUT"}, "placement_strategy must be one of"),
     "storage_scheme": ({"storage_path": "gs://bucket/runs"}, r"storage_path must be a local folder or s3://"),
-    "missing_shard": ({"shards": "MISSING_SHARD"}, r"the vqa training shards .* hold \d+ rows in 1 file\(s\) but "
+    "missing_shard": ({"shards": "MISSING_SHARD"}, r"the vqa training shards .* hold \d+ rows in \d+ file\(s\) but "
                                                    r"manifest.json counts \d+: a shard file is missing"),
     "init_size": ({"size": "tiny"}, r"train.init=.* does not match train.size='tiny'"),
     "s3_unreachable": ({"storage_path": "s3://galen-ckpt/runs"},
