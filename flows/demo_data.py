@@ -985,7 +985,7 @@ def write_demo(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *, image_
     def n(default: int, minimum: int = 1) -> int:
         return max(minimum, round(default * scale))
 
-    vqa_images = vqa_num_images if vqa_num_images is not None else n(192, 4)
+    vqa_images = vqa_num_images if vqa_num_images is not None else n(96, 4)
     counts: dict[str, dict] = {}
     counts["vqa_rad"] = {"images": vqa_images, **write_vqa_rad(out / "vqa_rad", vqa_images, image_size, seed=seed)}
     counts["iu_xray"] = write_iu_xray(out / "iu_xray", n(60, 3), image_size, seed)
