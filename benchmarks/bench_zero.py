@@ -51,7 +51,8 @@ def main() -> None:
             cfg = load_train_config(params, "finetune", steps=args.steps, zero_stage=stage, num_workers=args.workers,
                                     batch_size=args.batch_size, size=args.size, ema_decay=None,
                                     storage_path=str(tmp / "ray"), run_name=f"zero{stage}-r{r}",
-                                    out=str(tmp / f"model-{stage}-{r}"), checkpoint_every=10 ** 6,
+                                    out=str(tmp / f"model-{stage}-{r}"), metrics=str(tmp / f"metrics-{stage}-{r}.json"),
+                                    checkpoint_every=10 ** 6,
                                     experiment="bench-zero")
             cfg.init = None  # from scratch: the same seeded initial weights for every stage
             metrics = train(cfg)
