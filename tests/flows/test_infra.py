@@ -199,8 +199,9 @@ def test_rayservice_serve_config_runs_the_galen_app_at_the_champion_alias():
     assert app["name"] == "galen"
     assert app["import_path"] == "serve.app:build_app"
     assert app["route_prefix"] == "/"
-    (dep,) = app["deployments"]
-    assert dep["name"] == "GalenGeneralist"
+    dep, clip = app["deployments"]
+    assert dep["name"] == "GalenGeneralist" and clip["name"] == "GalenContrastive"
+    assert "user_config" not in clip  # the contrastive deployment has no reconfigure: settings come from args
     assert dep["user_config"] == {"model_name": "galen-generalist", "alias": "champion"}
     auto = dep["autoscaling_config"]
     assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
