@@ -62,7 +62,7 @@ class ClipTrainConfig:
     cache_rows: int = 10000                 # a worker's shard of a source up to this many rows is cycled in memory
 
     def check(self) -> None:
-        from flows.train.trainer import PLACEMENT_STRATEGIES
+        from flows.train.trainer import run_field_problems
         from model.contrastive import CONFIGS
 
         problems = []
@@ -71,16 +71,10 @@ class ClipTrainConfig:
         if self.zero_stage not in (0, 1, 2):
             problems.append(f"zero_stage must be 0, 1 or 2 for the contrastive model (its features are gathered "
                             f"every step; ZeRO-2 already shards what pays off), got {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f"precision must be fp32 or bf16, got {self.precision!r}")
-        for name in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every", "cache_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+        problems += run_field_problems(self, ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every",
+                                              "cache_rows"))
         if self.batch_size == 1:
             problems.append("batch_size must be at least 2: a contrastive batch needs negatives")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            problems.append(f"lr must be in (0, 1), got {self.lr!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             problems.append(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.sources, dict) or not self.sources:
@@ -94,8 +88,6 @@ class ClipTrainConfig:
                 problems.append(f"sources weights must be >= 0 with one > 0, got {self.sources!r}")
         if not self.label_templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in self.label_templates):
             problems.append(f"label_templates must be strings with one '{{}}' each, got {self.label_templates!r}")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            problems.append(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}")
         if problems:
             raise GalenInputError("bad clip.train params: " + "; ".join(problems) + " (fix them in params.yaml)")
 

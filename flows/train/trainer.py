@@ -31,6 +31,27 @@ STAGES = ("pretrain", "finetune")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+def run_field_problems(cfg: Any, positive: tuple[str, ...]) -> list[str]:
+    """Checks of the fields every Galen training job shares (generalist and contrastive): precision,
+    positive counts, worker placement and the storage location."""
+    problems = []
+    if cfg.precision not in ("fp32", "bf16"):
+        problems.append(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    for name in positive:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(cfg.lr, (int, float)) and 0 < cfg.lr < 1):
+        problems.append(f"lr must be in (0, 1), got {cfg.lr!r}")
+    if cfg.placement_strategy not in PLACEMENT_STRATEGIES:
+        problems.append(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                        f"got {cfg.placement_strategy!r}")
+    if not isinstance(cfg.storage_path, str) or not cfg.storage_path or (
+            "://" in cfg.storage_path and not cfg.storage_path.startswith("s3://")):
+        problems.append(f"storage_path must be a local folder or s3://bucket/prefix, got {cfg.storage_path!r}")
+    return problems
+
+
 @dataclass
 class TrainConfig:
     """params.yaml `train:` (shared) merged with `train.<stage>:` (per stage)."""
@@ -95,15 +116,9 @@ class TrainConfig:
             problems.append(f"size {self.size!r} is not one of {', '.join(SIZES)}")
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f"precision must be fp32 or bf16, got {self.precision!r}")
-        for name in ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        problems += run_field_problems(self, ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every"))
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            problems.append(f"lr must be in (0, 1), got {self.lr!r}")
         if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0 < self.ema_decay < 1):
             problems.append(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -118,12 +133,6 @@ class TrainConfig:
             if not isinstance(self.objectives, dict) or any(
                     isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in self.objectives.values()):
                 problems.append(f"objectives must map names to weights >= 0, got {self.objectives!r}")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            problems.append(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
-                            f"got {self.placement_strategy!r}")
-        if not isinstance(self.storage_path, str) or not self.storage_path or (
-                "://" in self.storage_path and not self.storage_path.startswith("s3://")):
-            problems.append(f"storage_path must be a local folder or s3://bucket/prefix, got {self.storage_path!r}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size % 16):
             problems.append(f"image_size must be a multiple of 16, got {self.image_size!r}")
         if problems:

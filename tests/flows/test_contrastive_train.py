@@ -23,6 +23,8 @@ from tests.flows.train_procs import GalenJob, cleanup_dir, isolated_env, short_t
     ({"batch_size": 1}, "needs negatives"),
     ({"label_templates": ["no slot"]}, "one '{}' each"),
     ({"config": "vit-huge"}, "config 'vit-huge' is not one of"),
+    ({"storage_path": "gs://bucket/runs"}, "storage_path must be a local folder or s3://"),  # shared run checks
+    ({"placement_strategy": "SPREAD_OUT"}, "placement_strategy must be one of"),
 ])
 def test_bad_params_are_named(train, words):
     from flows.train.contrastive import load_clip_train_config
