@@ -419,6 +419,17 @@ def log_to_mlflow(run_id: str | None, experiment: str, metrics: dict[str, Any], 
     return run.run_id
 
 
+def served_labels(results: Sequence[TaskResult]) -> dict[str, list[str]]:
+    """The class names the model was evaluated on, in first-seen order over all classification
+    datasets: registered with the version, they are what `/v1/classify` offers without `labels`."""
+    names: list[str] = []
+    for result in results:
+        if result.task == "classification":
+            for req in result.requests:
+                names += [n for n in req.get("labels") or () if n not in names]
+    return {"classification": names} if names else {}
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -482,7 +493,8 @@ def evaluate(model_dir: str | Path, shards_dir: str | Path, out: str | Path, *, 
             params = {"model": str(model_dir), "shards": str(shards_dir), "limit": limit, "tasks": ",".join(chosen),
                       "predict_config": json.dumps(config.to_dict(), sort_keys=True)}
             tags = {"galen.stage": "evaluate", "galen.model_sha256": sha,
-                    "galen.predict_config": json.dumps(config.to_dict(), sort_keys=True)}
+                    "galen.predict_config": json.dumps(config.to_dict(), sort_keys=True),
+                    "galen.labels": json.dumps(served_labels(results))}
             report = {"run_id": log_to_mlflow(run_id, experiment, metrics, results, params, tags, plot_paths,
                                               pred_path, samples, uri), **metrics}
     out_path = Path(out)

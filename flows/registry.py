@@ -273,13 +273,13 @@ def _version_tags(params: Mapping[str, Any], metrics: Mapping[str, float], sha: 
 class ModelKind:
     """What `register` needs to know about one kind of model folder: how to load it (a broken file
     fails before MLflow), its pyfunc file (models from code), an input example, the model_config
-    stored with it (from the evaluation run's `galen.predict_config` tag, if any) and the pip
-    packages the pyfunc needs."""
+    stored with it (from the evaluation run's tags `galen.predict_config` and `galen.labels`, if any)
+    and the pip packages the pyfunc needs."""
 
     load: Callable[[Path], Any]
     pyfunc_file: Path
     input_example: Callable[[], list[dict[str, Any]]]
-    model_config: Callable[[str | None], dict[str, Any]]
+    model_config: Callable[[Mapping[str, str]], dict[str, Any]]
     requirements: tuple[str, ...] = PYFUNC_REQUIREMENTS
 
 
@@ -289,11 +289,17 @@ def _generalist_load(folder: Path) -> Any:
     return GalenPredictor.load(folder)
 
 
-def _generalist_config(predict_config: str | None) -> dict[str, Any]:
+def _generalist_config(eval_tags: Mapping[str, str]) -> dict[str, Any]:
+    """The decoding settings the version was evaluated with and the label sets it was evaluated on
+    (serving's defaults for requests that name none)."""
     from model.predict import PredictConfig
 
-    config = {"predict": json.loads(predict_config) if predict_config else PredictConfig().to_dict()}
+    predict_config = eval_tags.get("galen.predict_config")
+    config: dict[str, Any] = {"predict": json.loads(predict_config) if predict_config else PredictConfig().to_dict()}
     PredictConfig.from_dict(config["predict"])  # the served settings must load
+    labels = json.loads(eval_tags.get("galen.labels") or "{}")
+    if labels:
+        config["labels"] = labels
     return config
 
 
@@ -350,7 +356,7 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
         if not metrics and not file_metrics:
             raise GalenInputError(f"run {run_id} has no metrics; evaluate the model into it first (`galen evaluate "
                                   f"--run-id {run_id}`)")
-        predict_config = run.data.tags.get("galen.predict_config")
+        eval_tags = dict(run.data.tags)
         if not metrics:
             TrainingRun.attach(run_id, uri).log_metrics(file_metrics, step=0)
             metrics = file_metrics
@@ -363,9 +369,9 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
                                           system_metrics=False)
         new.log_metrics(file_metrics, step=0)
         new.end()
-        run_id, metrics, predict_config = new.run_id, file_metrics, None
+        run_id, metrics, eval_tags = new.run_id, file_metrics, {}
 
-    model_config = kind.model_config(predict_config)
+    model_config = kind.model_config(eval_tags)
     with _mlflow_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(kind.pyfunc_file),
                                        artifacts={ARTIFACT_KEY: str(folder.resolve())},

@@ -20,6 +20,12 @@ class LossOutput:
     num_tokens: int
     row_nll: torch.Tensor   # (B,) summed negative log-likelihood of each row's target tokens (no grad)
     row_tokens: torch.Tensor  # (B,) target tokens per row
+    row_loss: torch.Tensor | None = None  # (B,) summed label-smoothed loss of each row (with grad)
+
+    def sample_mean(self) -> torch.Tensor:
+        """Mean over rows of each row's mean token loss: every example weighs the same, whatever its
+        length (a one-token "yes" counts as much as a 60-token report in a multitask batch)."""
+        return (self.row_loss / self.row_tokens.clamp(min=1)).mean()
 
     def mean_nll(self, rows: torch.Tensor) -> float:
         """Mean NLL per target token over a subset of rows (bool mask), e.g. one task's rows."""
@@ -50,8 +56,10 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps
     loss = (1.0 - epsilon) * nll + eps_i * smooth
     n = int(keep.sum())
     denom = max(n, 1)
-    row_nll = torch.zeros(target.shape[0], device=nll.device).index_add_(0, keep.nonzero()[:, 0], nll.detach())
-    return LossOutput(loss.sum() / denom, nll.sum() / denom, n, row_nll, keep.sum(-1))
+    row_index = keep.nonzero()[:, 0]
+    row_nll = torch.zeros(target.shape[0], device=nll.device).index_add_(0, row_index, nll.detach())
+    row_loss = torch.zeros(target.shape[0], device=loss.device, dtype=loss.dtype).index_add_(0, row_index, loss)
+    return LossOutput(loss.sum() / denom, nll.sum() / denom, n, row_nll, keep.sum(-1), row_loss)
 
 
 def contrastive_loss(rank: int = 0, world_size: int = 1) -> torch.nn.Module:

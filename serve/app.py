@@ -368,7 +368,8 @@ class GalenGeneralist:
         if self.current is not None:
             ref = self.current.ref
             data.append({"id": ref.name, "object": "model", "created": int(self.current.loaded_at), "owned_by": "galen",
-                         **ref.to_dict(), "tasks": list(http.TASKS)})
+                         **ref.to_dict(), "tasks": list(http.TASKS),
+                         "labels": {"classification": self.current.default_labels(self.settings.default_labels)}})
         return {"object": "list", "data": data}
 
     @app.get("/health", summary="Liveness and the served version", response_model=http.Health, tags=["service"])

@@ -156,6 +156,7 @@ def clip_worker(config: dict) -> None:
     from flows.ingest.schema import from_row
     from flows.tracking import TrainingRun
     from flows.train.objectives import step_rng
+    from flows.train.streams import endless_rows
     from flows.train.trainer import _save_state
     from model.contrastive import ContrastiveModel
     from model.losses import contrastive_loss
@@ -199,35 +200,7 @@ def clip_worker(config: dict) -> None:
         run.increment_tag("galen.checkpoint_restores")
     shards = {t: ray.train.get_dataset_shard(t) for t in config["counts"]}
 
-    def rows(task: str):
-        """Endless rows of a task's shard, resuming after the rows consumed before. A shard of at most
-        `cache_rows` rows per worker is read once and then cycled in memory: every new epoch of a Ray
-        Data stream starts a new read of the files, which costs seconds, and a small caption set runs
-        through several epochs per step. The order is the same either way, so resume positions hold."""
-        skip, cache = consumed[task], []
-        for row in shards[task].iter_rows():
-            if cache is not None:
-                cache.append(row)
-                if len(cache) > cfg.cache_rows:
-                    cache = None
-            if skip:
-                skip -= 1
-                continue
-            yield row
-        while cache is None:  # a large shard: stream epoch after epoch
-            for row in shards[task].iter_rows():
-                if skip:
-                    skip -= 1
-                    continue
-                yield row
-        while True:
-            for row in cache:
-                if skip:
-                    skip -= 1
-                    continue
-                yield row
-
-    streams = {t: rows(t) for t in shards}
+    streams = {t: endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows) for t in shards}
     sources, weights = zip(*sorted(config["weights"].items()))
     bar = tqdm(total=cfg.steps, initial=step, desc="clip", unit="step", disable=rank != 0, mininterval=5,
                dynamic_ncols=True)

@@ -29,6 +29,7 @@ from model.errors import GalenInputError
 
 STAGES = ("pretrain", "finetune")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+LOSS_AVERAGES = ("sample", "token")
 
 
 def run_field_problems(cfg: Any, positive: tuple[str, ...]) -> list[str]:
@@ -68,6 +69,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
+    loss_average: str = "sample"            # sample: each example weighs the same; token: each target token does
     zero_stage: int = 2
     precision: str = "fp32"                 # fp32 | bf16 (fp16 is GPU-only in DeepSpeed; not offered)
     num_workers: int = 2
@@ -89,6 +91,7 @@ class TrainConfig:
     ema_decay: float | None = None          # fine-tuning EMA of the weights (the saved model is the EMA)
     image_codes: str | None = "data/image_codes.parquet"  # image-infilling targets (pretraining)
     image_size: int | None = None           # model input size (None: the shards' size, 2x128 with image infilling)
+    cache_rows: int = 10000                 # a worker's shard of a task up to this many rows is cycled in memory
 
     def objective_weights(self) -> dict[str, float]:
         """Pretraining: `objectives`; fine-tuning: one objective per task (weights from the shard mixture)."""
@@ -116,11 +119,14 @@ class TrainConfig:
             problems.append(f"size {self.size!r} is not one of {', '.join(SIZES)}")
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        problems += run_field_problems(self, ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every"))
+        problems += run_field_problems(self, ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every",
+                                              "cache_rows"))
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0 < self.ema_decay < 1):
             problems.append(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
+        if self.loss_average not in LOSS_AVERAGES:
+            problems.append(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss_average!r}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.objectives is not None:
@@ -306,6 +312,7 @@ def train_worker(config: dict) -> None:
     from flows.train.ema import WeightEMA
     from flows.train.examples import collate
     from flows.train.objectives import PRETRAIN_SOURCES, ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
+    from flows.train.streams import endless_rows
     from model.config import get_config
     from model.generalist import GalenModel
     from model.image_codes import PrecomputedCodes
@@ -363,17 +370,7 @@ def train_worker(config: dict) -> None:
         run.increment_tag("galen.checkpoint_restores")  # worker-group restarts and reruns that continued the run
     shards = {t: ray.train.get_dataset_shard(t) for t in planner.sources}
 
-    def rows(task: str):
-        """Endless rows of a task's shard, resuming after the rows this worker consumed before."""
-        skip = consumed[task]
-        while True:
-            for row in shards[task].iter_rows():
-                if skip:
-                    skip -= 1
-                    continue
-                yield row
-
-    streams = {t: rows(t) for t in planner.sources}
+    streams = {t: endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows) for t in planner.sources}
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", disable=rank != 0, mininterval=5,
                dynamic_ncols=True)
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
@@ -396,12 +393,14 @@ def train_worker(config: dict) -> None:
                              patch_masks=batch.patch_masks, code_masks=batch.code_masks)
                 loss = label_smoothed_cross_entropy(out.logits, batch.target, cfg.label_smoothing, tok.pad_id,
                                                     allowed=batch.allowed)
-                parts.append(loss.loss * loss.num_tokens)
+                # summed here, divided below by the micro-batch's examples or tokens (groups differ in size)
+                parts.append(loss.sample_mean() * len(group) if cfg.loss_average == "sample"
+                             else loss.loss * loss.num_tokens)
                 tokens += loss.num_tokens
                 for task in set(batch.tasks):  # per-objective loss for the curves (rows of one objective)
                     rows = torch.tensor([t == task for t in batch.tasks], device=loss.row_nll.device)
                     task_losses.setdefault(task, []).append(loss.mean_nll(rows))
-            engine.backward(sum(parts) / max(tokens, 1))
+            engine.backward(sum(parts) / (len(examples) if cfg.loss_average == "sample" else max(tokens, 1)))
             engine.step()
             window_samples += len(examples)
             window_tokens += tokens
@@ -461,7 +460,7 @@ def model_image_size(cfg: TrainConfig, manifest: dict, tasks: list[str]) -> int:
 
 FINISHED_MARKER = "galen_finished.json"
 _NOT_IN_FINGERPRINT = ("max_failures", "log_every", "metrics", "storage_path", "run_name", "experiment",
-                       "placement_strategy")
+                       "placement_strategy", "cache_rows")
 
 
 def job_fingerprint(cfg: TrainConfig) -> str:

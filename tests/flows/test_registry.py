@@ -185,6 +185,17 @@ def test_the_champion_loaded_by_alias_in_a_new_process_reproduces_the_evaluation
                       predictions_path=predictions, samples=1, uri=uri)
     reg = register(demo_model_dir, cfg, PARAMS, metrics_file=tmp_path / "eval.json", uri=uri, project=REPO)
     assert reg.run_id == report["run_id"]                                # the model lives in its evaluation run
+    # the version carries the class names it was evaluated on: serving's default for /v1/classify
+    from serve.settings import ServeSettings
+    from serve.store import LoadedModel, ModelRef, download
+
+    labels = json.loads((demo_shards / "candidates.json").read_text())["medmnist-pathmnist"]["classification"]
+    settings = ServeSettings(model_name=cfg.model_name, model_cache=str(tmp_path / "served-models"))
+    folder, model_config = download(ModelRef(cfg.model_name, reg.version, "champion"), settings, uri)  # as a replica
+    served = model_config["labels"]["classification"]
+    assert sorted(served) == sorted(labels) and len(served) == len(labels) == 9  # the dataset's order, each once
+    assert LoadedModel(None, None, folder, model_config).default_labels(["other"]) == served
+    assert LoadedModel(None, None, folder, {}).default_labels([]) == []  # no set: /v1/classify asks for labels
     # random weights score below the floors; promote with the floors lowered so it becomes champion
     cfg.metrics = [MetricRule("vqa.accuracy", 0.0, 0.0), MetricRule("nli.accuracy", 0.0, 0.0)]
     assert promote(cfg, version=reg.version, uri=uri).promoted

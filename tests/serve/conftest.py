@@ -34,6 +34,7 @@ MiB = 2 ** 20
 LIMITS = {"poll_interval_s": 1.0, "max_body_bytes": 2 * MiB, "max_image_bytes": 1 * MiB,
           "max_image_pixels": 4_000_000, "max_batch_size": 8, "request_timeout_s": 120.0}
 NAME = "galen-generalist"
+LABELS = ["adipose tissue", "lymphocytes", "colorectal adenocarcinoma epithelium"]  # the versions' class names
 STARTS = 3  # attempts to start `galen serve` when Ray's node start times out (busy machine)
 RAY_START_TIMEOUT = "timed out during startup"
 
@@ -84,9 +85,12 @@ class Registry:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory, demo_tokenizer) -> Registry:
     """galen-generalist versions 1 and 2 (random nano models, seeds 0 and 1) registered by
-    flows.registry as the pyfunc with the model folder as artifact; `champion` -> 1."""
+    flows.registry from evaluation runs (metrics + label sets) as the pyfunc with the model folder
+    as artifact; `champion` -> 1."""
     from flows.cli import main
     from flows.params import load_params
+    from mlflow import MlflowClient
+
     from flows.registry import MetricRule, RegistryConfig, register
 
     root = tmp_path_factory.mktemp("serve_registry")
@@ -94,13 +98,16 @@ def registry(tmp_path_factory, demo_tokenizer) -> Registry:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     config = RegistryConfig(model_name=NAME, metrics=[MetricRule("nli.accuracy")])
     params = load_params(ROOT / "params.yaml")
-    metrics = root / "metrics.json"
-    metrics.write_text(json.dumps({"nli": {"accuracy": 0.5}}))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("galen-evaluate")
     for seed in (0, 1):
         folder = root / f"model-{seed}"
         assert main(["model", "init", "--size", "nano", "--tokenizer", str(root / "tokenizer"), "--out", str(folder),
                      "--seed", str(seed)]) == 0
-        register(folder, config, params, metrics_file=metrics, uri=uri, project=ROOT)
+        # what `galen evaluate` leaves in its run: the metrics and the label sets it evaluated on
+        run = client.create_run(experiment, tags={"galen.labels": json.dumps({"classification": LABELS})})
+        client.log_metric(run.info.run_id, "nli.accuracy", 0.5)
+        register(folder, config, params, run_id=run.info.run_id, uri=uri, project=ROOT)
     reg = Registry(root, uri, config)
     reg.promote("1")
     assert reg.aliases()["champion"] == "1"

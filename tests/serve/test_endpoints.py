@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.serve.conftest import NAME, b64, dicom_bytes, png_bytes
+from tests.serve.conftest import LABELS, NAME, b64, dicom_bytes, png_bytes
 
 
 def check_answer(r, task: str, server) -> dict:
@@ -29,6 +29,7 @@ def test_health_models_and_openapi(server):
     (m,) = models["data"]
     assert m["id"] == NAME and m["version"] == health["model"]["version"]
     assert set(m["tasks"]) == {"vqa", "caption", "classify", "ground", "nli", "summarize"}
+    assert m["labels"] == {"classification": LABELS}  # the class names the version was evaluated on
     doc = server.get("/openapi.json").json()
     for task in ("vqa", "caption", "classify", "ground", "nli", "summarize"):
         body = doc["paths"][f"/v1/{task}"]["post"]["requestBody"]["content"]
@@ -59,6 +60,12 @@ def test_image_tasks(server, how):
     body = check_answer(send("ground", text="the left lung"), "ground", server)
     x0, y0, x1, y1 = body["box"]
     assert 0 <= x0 <= x1 <= 96 and 0 <= y0 <= y1 <= 80  # pixels of the image as sent
+
+
+def test_classify_without_labels_uses_the_registered_versions_class_names(server):
+    for request in ({"json": {"image": b64(png_bytes())}}, {"files": {"image": ("scan.png", png_bytes(), "image/png")}}):
+        body = check_answer(server.post("/v1/classify", **request), "classify", server)
+        assert body["answer"] in LABELS and set(body["scores"]) == set(LABELS)
 
 
 def test_multipart_list_fields_accept_repeats_json_and_commas(server):

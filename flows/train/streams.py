@@ -1,0 +1,47 @@
+"""Endless, resumable row streams over a worker's Ray Data shard (both trainers read through this).
+
+A small shard is read once and then cycled in memory: every new epoch of a Ray Data stream starts
+a new read of the Parquet files, which costs seconds, and a small demo task runs through several
+epochs in a few steps. The row order is the same either way, so a resume position (rows consumed)
+means the same rows after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable
+
+
+def endless_rows(epoch: Callable[[], Iterable[Any]], skip: int = 0, cache_rows: int = 10000) -> Iterator[Any]:
+    """Rows of `epoch()` (one pass over the shard) again and again, after skipping `skip` rows.
+
+    Up to `cache_rows` rows are kept from the first pass and replayed; a larger shard is streamed
+    epoch after epoch."""
+    cache: list[Any] | None = []
+    seen = 0
+    for row in epoch():
+        seen += 1
+        if cache is not None:
+            cache.append(row)
+            if len(cache) > cache_rows:
+                cache = None
+        if skip:
+            skip -= 1
+            continue
+        yield row
+    if seen == 0:
+        raise RuntimeError("a training shard gave no rows to this worker; it needs at least one row per worker")
+    while cache is None:
+        for row in epoch():
+            if skip:
+                skip -= 1
+                continue
+            yield row
+    if skip:  # resuming several epochs in: skip whole replays arithmetically
+        skip %= len(cache)
+    while True:
+        for row in cache:
+            if skip:
+                skip -= 1
+                continue
+            yield row
