@@ -69,7 +69,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
-    loss_average: str = "sample"            # sample: each example weighs the same; token: each target token does
+    loss_average: str = "token"             # token: each target token weighs the same; sample: each example does
     zero_stage: int = 2
     precision: str = "fp32"                 # fp32 | bf16 (fp16 is GPU-only in DeepSpeed; not offered)
     num_workers: int = 2

@@ -206,7 +206,7 @@ def test_per_row_nll_gives_each_tasks_loss_without_a_second_softmax():
 
 
 def test_sample_average_weighs_every_row_the_same_whatever_its_length():
-    """`train.loss_average: sample` (multitask default): a one-token answer moves the model as much as a
+    """`train.loss_average: sample`: a one-token answer moves the model as much as a
     long report. The sample mean is the mean of the rows' own token means, and a row's gradient share
     does not grow with its length (under the token average it does)."""
     g = torch.Generator().manual_seed(1)
