@@ -82,8 +82,8 @@ CASES = {
                    400, "invalid_json", ["empty"]),
     "unsupported content type": ("/v1/nli", {"data": b"premise=a", "headers": {"Content-Type": "text/plain"}},
                                  415, "unsupported_media_type", ["text/plain"]),
-    "empty label list": ("/v1/classify", {"json": {"image": b64(OK_IMAGE), "labels": []}}, 422, "validation_error",
-                         ["labels"]),
+    "empty label list": ("/v1/classify", {"json": {"image": b64(OK_IMAGE), "labels": []}}, 422, "invalid_input",
+                         ["label set is empty"]),
 }
 
 
