@@ -83,7 +83,7 @@ CASES = {
     "unsupported content type": ("/v1/nli", {"data": b"premise=a", "headers": {"Content-Type": "text/plain"}},
                                  415, "unsupported_media_type", ["text/plain"]),
     "empty label list": ("/v1/classify", {"json": {"image": b64(OK_IMAGE), "labels": []}}, 422, "invalid_input",
-                         ["label set is empty"]),
+                         ["labels must be a non-empty list"]),
 }
 
 
