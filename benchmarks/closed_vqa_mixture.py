@@ -19,6 +19,7 @@ from flows.ingest.schema import read_records
 from flows.train.examples import collate
 from flows.train.objectives import ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
 from flows.train.ema import WeightEMA
+from flows.train.trainer import _lr_lambda
 from model.generalist import GalenModel
 from model.config import get_config
 from model.losses import label_smoothed_cross_entropy
@@ -71,7 +72,7 @@ planner = StepPlanner(weights, {t: (t,) for t in weights}, counts, 0)
 builder = ExampleBuilder(tok, 128, candidates=cands, code_image_size=model.cfg.code_image_size)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.01)
 warm = int(a.steps * a.warmup)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (a.steps - s) / max(a.steps - warm, 1)))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(a.steps, warm))  # the trainer's schedule
 ema = WeightEMA(list(model.parameters()), a.ema) if a.ema else None
 test = [r for p in shard_paths(S, "vqa", "test") for r in read_records(p) if r.dataset == "vqa-rad" and (r.answer_type or "").upper() == "CLOSED"]
 if a.vqa_images: test = [r for r in vq["test"] if r.answer_type == "CLOSED"][:96]
@@ -97,15 +98,15 @@ for step in range(a.steps):
     for slot in planner.plan(step, 0, a.bs):
         r = rows[slot.source][pos[slot.source] % counts[slot.source]]; pos[slot.source] += 1
         exs.append(builder.build(slot.objective, r, rng))
-    parts = []; toks = 0
+    parts = []; weight = 0
     for g in group_by_image_shape(exs):
         b = collate(g, tok)
         out = model(b.input_ids, b.decoder_input_ids, images=b.images, patch_masks=b.patch_masks, code_masks=b.code_masks)
-        l = label_smoothed_cross_entropy(out.logits, b.target, 0.1, tok.pad_id, allowed=b.allowed)
-        parts.append(l.sample_mean() * len(g) if a.avg == "sample" else l.loss * l.num_tokens); toks += l.num_tokens
+        l = label_smoothed_cross_entropy(out.logits, b.target, 0.1, tok.pad_id, allowed=b.allowed, average=a.avg)
+        parts.append(l.loss * l.weight); weight += l.weight
         for t in set(b.tasks):
             m = torch.tensor([x == t for x in b.tasks]); tl.setdefault(t, []).append(l.mean_nll(m))
-    loss = sum(parts) / (len(exs) if a.avg == "sample" else toks)
+    loss = sum(parts) / weight
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
     if ema: ema.update()
     if (step + 1) % a.every == 0:

@@ -15,29 +15,32 @@ import torch.nn.functional as F
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor      # mean label-smoothed loss per target token (what the optimizer sees)
+    loss: torch.Tensor      # mean label-smoothed loss (what the optimizer sees): per target token, or per row
     nll: torch.Tensor       # mean negative log-likelihood per target token (what to report)
     num_tokens: int
     row_nll: torch.Tensor   # (B,) summed negative log-likelihood of each row's target tokens (no grad)
     row_tokens: torch.Tensor  # (B,) target tokens per row
-    row_loss: torch.Tensor | None = None  # (B,) summed label-smoothed loss of each row (with grad)
-
-    def sample_mean(self) -> torch.Tensor:
-        """Mean over rows of each row's mean token loss: every example weighs the same, whatever its
-        length (a one-token "yes" counts as much as a 60-token report in a multitask batch)."""
-        return (self.row_loss / self.row_tokens.clamp(min=1)).mean()
+    weight: int             # what `loss` is a mean over (tokens or rows): sums of weight * loss combine batches
 
     def mean_nll(self, rows: torch.Tensor) -> float:
         """Mean NLL per target token over a subset of rows (bool mask), e.g. one task's rows."""
         return float(self.row_nll[rows].sum() / self.row_tokens[rows].sum().clamp(min=1))
 
 
+LOSS_AVERAGES = ("token", "sample")
+
+
 def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.1,
-                                 pad_id: int = 1, allowed: torch.Tensor | None = None) -> LossOutput:
+                                 pad_id: int = 1, allowed: torch.Tensor | None = None,
+                                 average: str = "token") -> LossOutput:
     """logits (B, T, V), target (B, T) with pad_id where there is no target.
 
     `allowed` (B, T, V) bool restricts each position to the trie's allowed tokens (closed sets).
+    `average`: "token" (every target token weighs the same) or "sample" (the mean of each row's own
+    token mean: a one-token "yes" weighs as much as a 60-token report in a multitask batch).
     """
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -58,8 +61,12 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps
     denom = max(n, 1)
     row_index = keep.nonzero()[:, 0]
     row_nll = torch.zeros(target.shape[0], device=nll.device).index_add_(0, row_index, nll.detach())
-    row_loss = torch.zeros(target.shape[0], device=loss.device, dtype=loss.dtype).index_add_(0, row_index, loss)
-    return LossOutput(loss.sum() / denom, nll.sum() / denom, n, row_nll, keep.sum(-1), row_loss)
+    row_tokens = keep.sum(-1)
+    if average == "sample":
+        row_loss = torch.zeros(target.shape[0], device=loss.device, dtype=loss.dtype).index_add_(0, row_index, loss)
+        return LossOutput((row_loss / row_tokens.clamp(min=1)).mean(), nll.sum() / denom, n, row_nll, row_tokens,
+                          target.shape[0])
+    return LossOutput(loss.sum() / denom, nll.sum() / denom, n, row_nll, row_tokens, n)
 
 
 def contrastive_loss(rank: int = 0, world_size: int = 1) -> torch.nn.Module:

@@ -18,9 +18,7 @@ def endless_rows(epoch: Callable[[], Iterable[Any]], skip: int = 0, cache_rows: 
     Up to `cache_rows` rows are kept from the first pass and replayed; a larger shard is streamed
     epoch after epoch."""
     cache: list[Any] | None = []
-    seen = 0
     for row in epoch():
-        seen += 1
         if cache is not None:
             cache.append(row)
             if len(cache) > cache_rows:
@@ -29,7 +27,7 @@ def endless_rows(epoch: Callable[[], Iterable[Any]], skip: int = 0, cache_rows: 
             skip -= 1
             continue
         yield row
-    if seen == 0:
+    if cache == []:  # (None: more rows than cache_rows)
         raise RuntimeError("a training shard gave no rows to this worker; it needs at least one row per worker")
     while cache is None:
         for row in epoch():

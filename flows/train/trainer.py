@@ -29,7 +29,6 @@ from model.errors import GalenInputError
 
 STAGES = ("pretrain", "finetune")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-LOSS_AVERAGES = ("sample", "token")
 
 
 def run_field_problems(cfg: Any, positive: tuple[str, ...]) -> list[str]:
@@ -125,6 +124,8 @@ class TrainConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0 < self.ema_decay < 1):
             problems.append(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
+        from model.losses import LOSS_AVERAGES
+
         if self.loss_average not in LOSS_AVERAGES:
             problems.append(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss_average!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -386,21 +387,20 @@ def train_worker(config: dict) -> None:
                 record = from_row(next(streams[slot.source]))
                 consumed[slot.source] += 1
                 examples.append(builder.build(slot.objective, record, rng))
-            parts, tokens = [], 0
+            parts, tokens, weight = [], 0, 0
             for group in group_by_image_shape(examples):
                 batch = collate(group, tok)
                 out = engine(batch.input_ids, batch.decoder_input_ids, images=batch.images,
                              patch_masks=batch.patch_masks, code_masks=batch.code_masks)
                 loss = label_smoothed_cross_entropy(out.logits, batch.target, cfg.label_smoothing, tok.pad_id,
-                                                    allowed=batch.allowed)
-                # summed here, divided below by the micro-batch's examples or tokens (groups differ in size)
-                parts.append(loss.sample_mean() * len(group) if cfg.loss_average == "sample"
-                             else loss.loss * loss.num_tokens)
+                                                    allowed=batch.allowed, average=cfg.loss_average)
+                parts.append(loss.loss * loss.weight)  # groups differ in size: weighted sums, one mean below
+                weight += loss.weight
                 tokens += loss.num_tokens
                 for task in set(batch.tasks):  # per-objective loss for the curves (rows of one objective)
                     rows = torch.tensor([t == task for t in batch.tasks], device=loss.row_nll.device)
                     task_losses.setdefault(task, []).append(loss.mean_nll(rows))
-            engine.backward(sum(parts) / (len(examples) if cfg.loss_average == "sample" else max(tokens, 1)))
+            engine.backward(sum(parts) / max(weight, 1))
             engine.step()
             window_samples += len(examples)
             window_tokens += tokens

@@ -206,25 +206,30 @@ def test_per_row_nll_gives_each_tasks_loss_without_a_second_softmax():
 
 
 def test_sample_average_weighs_every_row_the_same_whatever_its_length():
-    """`train.loss_average: sample`: a one-token answer moves the model as much as a
-    long report. The sample mean is the mean of the rows' own token means, and a row's gradient share
-    does not grow with its length (under the token average it does)."""
+    """`train.loss_average: sample`: a one-token answer moves the model as much as a long report. The
+    sample mean is the mean of the rows' own token means, and a row's gradient share does not grow
+    with its length (under the token average it does)."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 6, 20, generator=g, requires_grad=True)
     target = torch.randint(4, 20, (3, 6), generator=g)
     target[0, 1:] = 1  # a one-token answer beside two six-token texts
-    out = label_smoothed_cross_entropy(logits, target, 0.1, 1)
+    sample = label_smoothed_cross_entropy(logits, target, 0.1, 1, average="sample")
+    token = label_smoothed_cross_entropy(logits, target, 0.1, 1)
     rows = [label_smoothed_cross_entropy(logits[i:i + 1], target[i:i + 1], 0.1, 1).loss for i in range(3)]
-    assert float(out.sample_mean()) == pytest.approx(float(sum(rows) / 3), rel=1e-6)
-    assert float(out.loss) == pytest.approx(float(sum(r * n for r, n in zip(rows, [1, 6, 6])) / 13), rel=1e-6)
+    assert float(sample.loss) == pytest.approx(float(sum(rows) / 3), rel=1e-6)
+    assert float(token.loss) == pytest.approx(float(sum(r * n for r, n in zip(rows, [1, 6, 6])) / 13), rel=1e-6)
+    assert (sample.weight, token.weight) == (3, 13)  # what each loss is a mean over
+    assert float(sample.nll) == pytest.approx(float(token.nll))  # the reported NLL stays per token
 
     # gradients: each row gets 1/3 of its own loss's gradient (the token average: n_i/13 of it)
-    (sample,) = torch.autograd.grad(out.sample_mean(), logits, retain_graph=True)
-    (token,) = torch.autograd.grad(out.loss, logits)
+    (g_sample,) = torch.autograd.grad(sample.loss, logits, retain_graph=True)
+    (g_token,) = torch.autograd.grad(token.loss, logits, retain_graph=True)
     for i, n in enumerate([1, 6, 6]):
         (own,) = torch.autograd.grad(rows[i], logits, retain_graph=True)
-        torch.testing.assert_close(sample[i], own[i] / 3)
-        torch.testing.assert_close(token[i], own[i] * n / 13)
+        torch.testing.assert_close(g_sample[i], own[i] / 3)
+        torch.testing.assert_close(g_token[i], own[i] * n / 13)
+    with pytest.raises(ValueError, match="average must be one of"):
+        label_smoothed_cross_entropy(logits, target, 0.1, 1, average="tokens")
 
 
 # ----------------------------------------------------------------------------- pretraining objectives

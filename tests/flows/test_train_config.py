@@ -32,7 +32,7 @@ def test_misspelled_params_are_named_with_a_suggestion():
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"lr": 5}, r"lr must be in \(0, 1\)"),
     ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\)"),
-    ({"loss_average": "tokens"}, "loss_average must be one of sample, token, got 'tokens'"),
+    ({"loss_average": "tokens"}, "loss_average must be one of token, sample, got 'tokens'"),
     ({"cache_rows": -1}, "cache_rows must be a positive integer"),
 ])
 def test_out_of_range_params_are_refused(bad, message):
