@@ -2,7 +2,9 @@
 DeepSpeed; the trainer's StepPlanner, ExampleBuilder, loss and EMA) that prints, every `--every` steps,
 first-token yes-vs-no accuracy on the held-out closed VQA-RAD questions (EMA weights and raw weights)
 and the per-task training loss. Variants: task weights (`--w vqa=8,caption=0`), `--avg sample|token`,
-`--lr`, `--closed-only` (VQA-RAD closed questions only), `--init scratch`, `--vqa-images N` (a fresh
+`--lr`, `--closed-only` (VQA-RAD closed questions only), `--closed-first N --closed-weight W --rewarm R`
+(the fine-tuning curriculum: N steps of closed questions alone, then the mixture with closed questions
+at weight W and the lr ramped up again over R steps), `--init scratch`, `--vqa-images N` (a fresh
 demo VQA-RAD of N images in place of the shards' one).
 
     PYTHONPATH=. python benchmarks/closed_vqa_mixture.py --steps 600 --threads 1 --avg sample --w vqa=8
@@ -38,6 +40,9 @@ ap.add_argument("--warmup", type=float, default=0.05)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--vqa-images", type=int, default=0)
 ap.add_argument("--closed-only", action="store_true")
+ap.add_argument("--closed-first", type=int, default=0)  # curriculum: closed VQA only for the first N steps
+ap.add_argument("--closed-weight", type=float, default=0.0)  # closed VQA as its own mixture component
+ap.add_argument("--rewarm", type=int, default=0)  # after the closed-only phase, ramp the lr again over N steps
 a = ap.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
 S = ROOT / "data" / "shards"
@@ -66,13 +71,16 @@ if a.vqa_images:
     rows["vqa"] = [r for r in rows["vqa"] if r.dataset != "vqa-rad"] + vq["train"]
     random.Random(0).shuffle(rows["vqa"])
 if a.closed_only: rows["vqa"] = [r for r in rows["vqa"] if r.dataset == "vqa-rad" and (r.answer_type or "").upper() == "CLOSED"]
+rows["vqa_closed"] = [r for r in rows["vqa"] if r.dataset == "vqa-rad" and (r.answer_type or "").upper() == "CLOSED"]
 counts = {t: len(v) for t, v in rows.items()}
 model = GalenModel.from_pretrained(a.init) if a.init != "scratch" else GalenModel(get_config("nano", vocab_size=len(tok), image_size=128))
-planner = StepPlanner(weights, {t: (t,) for t in weights}, counts, 0)
+mix = dict(weights, **({"vqa_closed": a.closed_weight} if a.closed_weight else {}))
+planner = StepPlanner(mix, {t: (t,) for t in mix}, counts, 0)
+first = StepPlanner({"vqa": 1.0}, {"vqa": ("vqa_closed",)}, counts, 0)
 builder = ExampleBuilder(tok, 128, candidates=cands, code_image_size=model.cfg.code_image_size)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.01)
 warm = int(a.steps * a.warmup)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(a.steps, warm))  # the trainer's schedule
+sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(a.steps, warm, a.closed_first, a.rewarm))  # the trainer's schedule
 ema = WeightEMA(list(model.parameters()), a.ema) if a.ema else None
 test = [r for p in shard_paths(S, "vqa", "test") for r in read_records(p) if r.dataset == "vqa-rad" and (r.answer_type or "").upper() == "CLOSED"]
 if a.vqa_images: test = [r for r in vq["test"] if r.answer_type == "CLOSED"][:96]
@@ -89,13 +97,13 @@ def probe(use_ema=True):
     model.train()
     pred = torch.where(lg[:, yes] > lg[:, no], yes, no)
     return (pred == b.target[:, 0]).float().mean().item(), (pred == yes).float().mean().item()
-pos = {t: 0 for t in tasks}
+pos = {t: 0 for t in counts}
 t0 = time.time(); tl = {}
 print("weights", weights, "closed test", len(test_ex), "probe@0", probe(), flush=True)
 for step in range(a.steps):
     rng = step_rng(0, 0, step, 0)
     exs = []
-    for slot in planner.plan(step, 0, a.bs):
+    for slot in (first if step < a.closed_first else planner).plan(step, 0, a.bs):
         r = rows[slot.source][pos[slot.source] % counts[slot.source]]; pos[slot.source] += 1
         exs.append(builder.build(slot.objective, r, rng))
     parts = []; weight = 0

@@ -49,6 +49,18 @@ PRETRAIN_SOURCES: dict[str, tuple[str, ...]] = {
     "image_infilling": ("caption", "vqa", "classification", "grounding"),
 }
 FINETUNE_OBJECTIVES: tuple[str, ...] = ("vqa", "caption", "classification", "nli", "summarization", "grounding")
+# Fine-tuning objectives that read a subset of one task's shards, so that it can get its own weight:
+# objective (= its source) -> (task, column, value kept). Closed-ended questions answer in one or two
+# tokens, so under a token-averaged loss they get ~1% of a mixed batch's gradient unless weighted.
+SUBSET_SOURCES: dict[str, tuple[str, str, str]] = {
+    "vqa_closed": ("vqa", "answer_type", "CLOSED"),
+}
+
+
+def subset_keeps(source: str) -> Callable[[Mapping], bool]:
+    """The row filter of a subset source (used to count its rows and to read them)."""
+    _, column, value = SUBSET_SOURCES[source]
+    return lambda row: row.get(column) == value
 
 
 @dataclass(frozen=True)
@@ -146,7 +158,7 @@ class ExampleBuilder:
             key = (record.meta or {}).get("original_image_sha1")
             return image_infilling_example(record, self.tok, self.image_codes, code_image_size=self.code_image_size,
                                            key=key)
-        return None  # e.g. "vqa" planned on a record of another task: serve its own task
+        return None  # a subset objective (vqa_closed), or "vqa" planned on another task's record: its own task
 
 
 def group_by_image_shape(examples: Sequence[Example]) -> list[list[Example]]:

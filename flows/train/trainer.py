@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.train.objectives import FINETUNE_OBJECTIVES
+from flows.train.objectives import FINETUNE_OBJECTIVES, SUBSET_SOURCES
 from model.errors import GalenInputError
 
 STAGES = ("pretrain", "finetune")
@@ -50,6 +50,38 @@ def run_field_problems(cfg: Any, positive: tuple[str, ...]) -> list[str]:
             "://" in cfg.storage_path and not cfg.storage_path.startswith("s3://")):
         problems.append(f"storage_path must be a local folder or s3://bucket/prefix, got {cfg.storage_path!r}")
     return problems
+
+
+@dataclass
+class Curriculum:
+    """A first phase of training with its own objective weights, then the job's mixture. On the demo,
+    fine-tuning starts on closed-ended VQA alone: in a mixed batch the answer position never learns
+    to look at the image within the CPU budget, alone it does in ~100 steps (BENCHMARKS.md)."""
+
+    steps: int = 0                          # length of the first phase (0: no curriculum)
+    objectives: dict[str, float] = field(default_factory=dict)
+    rewarm_steps: int = 0                   # the lr ramps up again over these steps when the mixture starts
+                                            # (Adam's moments were fit to the first phase's gradients)
+
+    def problems(self, total_steps: int, known: tuple[str, ...]) -> list[str]:
+        out = []
+        for name in ("steps", "rewarm_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                out.append(f"curriculum.{name} must be an integer >= 0, got {value!r}")
+        if not out and isinstance(total_steps, int) and self.steps + self.rewarm_steps >= total_steps:
+            out.append(f"curriculum.steps + curriculum.rewarm_steps ({self.steps} + {self.rewarm_steps}) must be "
+                       f"below steps ({total_steps}): the mixture needs steps of its own")
+        if not isinstance(self.objectives, dict) or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in self.objectives.values()):
+            out.append(f"curriculum.objectives must map names to weights >= 0, got {self.objectives!r}")
+        else:
+            unknown = [k for k in self.objectives if k not in known]
+            if unknown:
+                out.append(f"unknown curriculum objectives {unknown}; known: {', '.join(known)}")
+            if self.steps and not any(w > 0 for w in self.objectives.values()):
+                out.append("curriculum.objectives needs a positive weight when curriculum.steps > 0")
+        return out
 
 
 @dataclass
@@ -86,19 +118,43 @@ class TrainConfig:
     metrics: str | None = None
     dropout: float = 0.1
     log_every: int = 10
-    objectives: dict[str, float] | None = None  # pretraining objective weights (None: the task mixture)
+    objectives: dict[str, float] | None = None  # pretraining: objective weights; fine-tuning: weights over
+                                                # the shards' task mixture (e.g. vqa_closed), None: the mixture
+    curriculum: Curriculum | None = None    # a first phase on other objective weights
     ema_decay: float | None = None          # fine-tuning EMA of the weights (the saved model is the EMA)
     image_codes: str | None = "data/image_codes.parquet"  # image-infilling targets (pretraining)
     image_size: int | None = None           # model input size (None: the shards' size, 2x128 with image infilling)
     cache_rows: int = 10000                 # a worker's shard of a task up to this many rows is cycled in memory
 
-    def objective_weights(self) -> dict[str, float]:
-        """Pretraining: `objectives`; fine-tuning: one objective per task (weights from the shard mixture)."""
+    def __post_init__(self) -> None:
+        if isinstance(self.curriculum, dict):  # from params.yaml or a worker's config
+            unknown = sorted(set(self.curriculum) - set(Curriculum.__dataclass_fields__))
+            if unknown:
+                raise GalenInputError(f"unknown train curriculum keys {unknown}; known: "
+                                      f"{', '.join(Curriculum.__dataclass_fields__)} (fix them in params.yaml)")
+            self.curriculum = Curriculum(**self.curriculum)
+
+    def known_objectives(self) -> tuple[str, ...]:
+        from flows.train.objectives import PRETRAIN_SOURCES, SUBSET_SOURCES
+
+        return tuple(PRETRAIN_SOURCES) if self.stage == "pretrain" else FINETUNE_OBJECTIVES + tuple(SUBSET_SOURCES)
+
+    def objective_weights(self, step: int | None = None) -> dict[str, float]:
+        """The weights of the objectives mixed at `step` (None: after any curriculum). Pretraining:
+        `objectives`; fine-tuning: one objective per task (the driver fills in the shards' mixture)
+        with `objectives` on top."""
         from flows.train.objectives import PRETRAIN_SOURCES
 
+        if step is not None and self.curriculum is not None and step < self.curriculum.steps:
+            return dict(self.curriculum.objectives)
         if self.stage == "pretrain":
             return dict(self.objectives if self.objectives is not None else {k: 1.0 for k in PRETRAIN_SOURCES})
-        return dict(self.objectives if self.objectives is not None else {t: 1.0 for t in self.tasks})
+        return {t: 1.0 for t in self.tasks} | dict(self.objectives or {})
+
+    def planned_objectives(self) -> list[str]:
+        """Every objective with a positive weight in some phase of the job."""
+        phases = [self.objective_weights()] + ([self.curriculum.objectives] if self.curriculum else [])
+        return sorted({name for weights in phases for name, w in weights.items() if w > 0})
 
     def tokenizer_dir(self) -> str:
         """A model folder carries its own tokenizer; otherwise the pipeline's tokenizer stage output."""
@@ -130,16 +186,16 @@ class TrainConfig:
             problems.append(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss_average!r}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        known = self.known_objectives()
         if self.objectives is not None:
-            from flows.train.objectives import FINETUNE_OBJECTIVES, PRETRAIN_SOURCES
-
-            known = PRETRAIN_SOURCES if self.stage == "pretrain" else FINETUNE_OBJECTIVES
             unknown = [k for k in self.objectives if k not in known]
             if unknown:
                 problems.append(f"unknown {self.stage} objectives {unknown}; known: {', '.join(known)}")
             if not isinstance(self.objectives, dict) or any(
                     isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in self.objectives.values()):
                 problems.append(f"objectives must map names to weights >= 0, got {self.objectives!r}")
+        if self.curriculum is not None:
+            problems += self.curriculum.problems(self.steps, known)
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size % 16):
             problems.append(f"image_size must be a multiple of 16, got {self.image_size!r}")
         if problems:
@@ -186,7 +242,45 @@ def training_sources(cfg: TrainConfig, shards: Path) -> dict[str, list[str]]:
     if missing:
         raise GalenInputError(f"no training shards for {missing} under {shards}; remove them from train.tasks or "
                               "add a dataset with that task")
+    for name in cfg.planned_objectives():
+        if name in SUBSET_SOURCES:  # a subset of one task's rows, read from that task's files
+            task = SUBSET_SOURCES[name][0]
+            if task not in files:
+                raise GalenInputError(f"objective {name} reads the {task} shards, but {task} is not in train.tasks; "
+                                      f"add {task} to train.tasks or give {name} weight 0")
+            files[name] = files[task]
     return files
+
+
+def source_rows(shards: Path, files: dict[str, list[str]]) -> dict[str, int]:
+    """Training rows per source: the manifest's count for a task, the kept rows for a subset."""
+    import pyarrow.parquet as pq
+
+    from flows.train.objectives import subset_keeps
+
+    by_task_split = json.loads((shards / "manifest.json").read_text())["by_task_split"]
+    counts = {}
+    for source, paths in files.items():
+        if source in SUBSET_SOURCES:
+            column, keeps = SUBSET_SOURCES[source][1], subset_keeps(source)
+            counts[source] = sum(keeps({column: v}) for p in paths
+                                 for v in pq.read_table(p, columns=[column])[column].to_pylist())
+        else:
+            counts[source] = by_task_split.get(f"{source}/train", 0)
+    return counts
+
+
+def step_planners(cfg: TrainConfig, counts: dict[str, int]) -> tuple[Any, Any]:
+    """(the mixture's planner, the curriculum's or None); building them checks that every phase has
+    an objective with both weight and rows, so the driver can refuse a job before workers start."""
+    from flows.train.objectives import PRETRAIN_SOURCES, StepPlanner
+
+    def planner(weights: dict[str, float]) -> Any:
+        sources = PRETRAIN_SOURCES if cfg.stage == "pretrain" else {t: (t,) for t in weights}
+        return StepPlanner(weights, sources, counts, cfg.seed)
+
+    first = cfg.curriculum is not None and cfg.curriculum.steps > 0
+    return planner(cfg.objective_weights()), planner(cfg.curriculum.objectives) if first else None
 
 
 def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
@@ -224,6 +318,8 @@ def check_shard_rows(shards: Path, files: dict[str, list[str]]) -> None:
     except (OSError, ValueError, AttributeError) as e:
         raise GalenInputError(f"{shards / 'manifest.json'} is unreadable ({e}); run `dvc repro shards`") from e
     for task, paths in files.items():
+        if task in SUBSET_SOURCES:
+            continue  # the files of its task, checked under the task's name
         rows = 0
         for p in paths:
             try:
@@ -273,12 +369,24 @@ def check_init_model(cfg: TrainConfig) -> None:
 # --------------------------------------------------------------------------------------------------
 # worker side
 # --------------------------------------------------------------------------------------------------
-def _lr_lambda(total: int, warmup: int):
+def _lr_lambda(total: int, warmup: int, rewarm_at: int = 0, rewarm: int = 0):
+    """Linear warmup then linear decay; with `rewarm`, the lr ramps up again from `rewarm_at` (where a
+    curriculum's first phase ends) over `rewarm` steps, back onto the decay line."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(warmup, 1)
-        return max(0.0, (total - step) / max(total - warmup, 1))  # linear (polynomial power 1) decay
+        scale = max(0.0, (total - step) / max(total - warmup, 1))  # linear (polynomial power 1) decay
+        if rewarm and rewarm_at <= step < rewarm_at + rewarm:
+            scale *= (step - rewarm_at + 1) / rewarm
+        return scale
     return f
+
+
+def lr_schedule(cfg: TrainConfig):
+    """The lr multiplier per step of this job (warmup, decay, curriculum rewarm)."""
+    cur = cfg.curriculum
+    return _lr_lambda(cfg.steps, int(cfg.steps * cfg.warmup_ratio), cur.steps if cur else 0,
+                      cur.rewarm_steps if cur else 0)
 
 
 def _save_state(directory: str, engine: Any, ema: Any, rank: int, state: dict) -> None:
@@ -312,7 +420,7 @@ def train_worker(config: dict) -> None:
     from flows.tracking import TrainingRun
     from flows.train.ema import WeightEMA
     from flows.train.examples import collate
-    from flows.train.objectives import PRETRAIN_SOURCES, ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
+    from flows.train.objectives import ExampleBuilder, group_by_image_shape, step_rng
     from flows.train.streams import endless_rows
     from model.config import get_config
     from model.generalist import GalenModel
@@ -332,19 +440,17 @@ def train_worker(config: dict) -> None:
         model = GalenModel(get_config(cfg.size, vocab_size=len(tok), dropout=cfg.dropout, image_size=image_size))
     torch.manual_seed(cfg.seed + 1000 + rank)  # dropout differs per worker
 
-    weights = cfg.objective_weights()
-    sources = PRETRAIN_SOURCES if cfg.stage == "pretrain" else {t: (t,) for t in weights}
-    planner = StepPlanner(weights, sources, config["counts"], cfg.seed)
+    planner, first_phase = step_planners(cfg, config["counts"])
+    phases = [planner] + ([first_phase] if first_phase else [])
     codes = None
-    if cfg.stage == "pretrain" and "image_infilling" in planner.objectives:
+    if cfg.stage == "pretrain" and any("image_infilling" in p.objectives for p in phases):
         codes = PrecomputedCodes.from_file(cfg.image_codes)  # type: ignore[arg-type]
     builder = ExampleBuilder(tok, config["data_image_size"], candidates=config["candidates"], image_codes=codes,
                              code_image_size=model.cfg.code_image_size)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    warmup = int(cfg.steps * cfg.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip, "zero_optimization": {"stage": cfg.zero_stage},
@@ -369,9 +475,9 @@ def train_worker(config: dict) -> None:
     if checkpoint:
         run.log_metrics({"resumed_from_step": step}, step)
         run.increment_tag("galen.checkpoint_restores")  # worker-group restarts and reruns that continued the run
-    shards = {t: ray.train.get_dataset_shard(t) for t in planner.sources}
-
-    streams = {t: endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows) for t in planner.sources}
+    sources = sorted({s for p in phases for s in p.sources})
+    shards = {t: ray.train.get_dataset_shard(t) for t in sources}
+    streams = {t: endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows) for t in sources}
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", disable=rank != 0, mininterval=5,
                dynamic_ncols=True)
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
@@ -383,7 +489,8 @@ def train_worker(config: dict) -> None:
             torch.manual_seed(step_rng(cfg.seed, rank, step, micro).getrandbits(63))
             rng = step_rng(cfg.seed, rank, step, micro)
             examples = []
-            for slot in planner.plan(step, micro, cfg.batch_size):  # the same slots on every worker
+            phase = first_phase if first_phase is not None and step < cfg.curriculum.steps else planner
+            for slot in phase.plan(step, micro, cfg.batch_size):  # the same slots on every worker
                 record = from_row(next(streams[slot.source]))
                 consumed[slot.source] += 1
                 examples.append(builder.build(slot.objective, record, rng))
@@ -492,15 +599,18 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from flows.tracking import StorageFolder, TrainingRun, run_id_file, tracking_uri
+    from flows.train.objectives import subset_keeps
 
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())
     candidates = json.loads((Path(cfg.shards) / "candidates.json").read_text())
-    counts = {t: manifest["by_task_split"].get(f"{t}/train", 0) for t in files}
-    image_size = model_image_size(cfg, manifest, list(files))
-    data_image_size = max(int(manifest.get("image_size", {}).get(t, 128)) for t in files)
-    if cfg.stage == "finetune" and cfg.objectives is None:  # the task mixture of the shards stage
-        cfg.objectives = {t: float(manifest.get("mixture", {}).get(t, 1.0)) for t in cfg.tasks}
+    counts = source_rows(Path(cfg.shards), files)
+    tasks = [t for t in files if t not in SUBSET_SOURCES]
+    image_size = model_image_size(cfg, manifest, tasks)
+    data_image_size = max(int(manifest.get("image_size", {}).get(t, 128)) for t in tasks)
+    if cfg.stage == "finetune":  # the task mixture of the shards stage, params' objectives on top
+        cfg.objectives = {t: float(manifest.get("mixture", {}).get(t, 1.0)) for t in cfg.tasks} | (cfg.objectives or {})
+    step_planners(cfg, counts)  # an objective-less phase (no rows of any weighted objective) fails here
     run_name = cfg.run_name or f"galen-{cfg.stage}"
     storage = StorageFolder(cfg.storage_path if "://" in cfg.storage_path else Path(cfg.storage_path).resolve())
     job_name, job_dir = job_location(cfg, run_name, storage)  # reads S3 first: a bad bucket fails here
@@ -517,6 +627,9 @@ def train(cfg: TrainConfig) -> dict:
     ctx.execution_options.preserve_order = True  # the same rows in the same order after a restart
     ctx.enable_progress_bars = False  # one progress bar (the training one), not one per dataset
     datasets = {t: ray.data.read_parquet([str(Path(p).resolve()) for p in f]) for t, f in files.items()}
+    for name in SUBSET_SOURCES:
+        if name in datasets:
+            datasets[name] = datasets[name].filter(subset_keeps(name))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg) | {"tokenizer": str(Path(cfg.tokenizer).resolve()),

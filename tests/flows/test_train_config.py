@@ -34,10 +34,60 @@ def test_misspelled_params_are_named_with_a_suggestion():
     ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\)"),
     ({"loss_average": "tokens"}, "loss_average must be one of token, sample, got 'tokens'"),
     ({"cache_rows": -1}, "cache_rows must be a positive integer"),
+    ({"curriculum": {"steps": 5, "objectives": {"vqa_closed": 1.0}}},
+     r"curriculum.steps \+ curriculum.rewarm_steps \(5 \+ 0\) must be below steps \(5\)"),
+    ({"curriculum": {"steps": 2, "objectives": {"vqa_closd": 1.0}}}, r"unknown curriculum objectives \['vqa_closd'\]"),
+    ({"curriculum": {"steps": 2, "objectives": {"vqa_closed": 0}}}, "curriculum.objectives needs a positive weight"),
+    ({"curriculum": {"steps": -1, "objectives": {}}}, r"curriculum.steps must be an integer >= 0, got -1"),
+    ({"curriculum": {"step": 2}}, r"unknown train curriculum keys \['step'\]"),
 ])
 def test_out_of_range_params_are_refused(bad, message):
     with pytest.raises(GalenInputError, match=message):
         load_train_config(params(**bad), "finetune")
+
+
+def test_curriculum_phase_has_its_own_weights_then_the_mixture_with_objectives_on_top():
+    cfg = load_train_config(params(finetune={"steps": 100, "tasks": ["vqa", "nli"], "objectives": {"vqa_closed": 2.0},
+                                             "curriculum": {"steps": 30, "objectives": {"vqa_closed": 1.0},
+                                                            "rewarm_steps": 10}}), "finetune")
+    assert cfg.objective_weights(0) == cfg.objective_weights(29) == {"vqa_closed": 1.0}
+    assert cfg.objective_weights(30) == cfg.objective_weights() == {"vqa": 1.0, "nli": 1.0, "vqa_closed": 2.0}
+    assert cfg.planned_objectives() == ["nli", "vqa", "vqa_closed"]
+
+
+def test_lr_rewarms_after_the_curriculum_and_rejoins_the_decay():
+    from flows.train.trainer import lr_schedule
+
+    plain = load_train_config(params(finetune={"steps": 100}), "finetune")
+    cfg = load_train_config(params(finetune={"steps": 100, "curriculum": {
+        "steps": 30, "objectives": {"vqa_closed": 1.0}, "rewarm_steps": 10}}), "finetune")
+    base, lr = lr_schedule(plain), lr_schedule(cfg)
+    assert [lr(s) for s in range(30)] == [base(s) for s in range(30)]          # warmup 5 steps, then decay
+    assert lr(30) == pytest.approx(base(30) / 10) and lr(34) == pytest.approx(base(34) / 2)
+    assert lr(39) == pytest.approx(base(39)) and [lr(s) for s in range(40, 100)] == [base(s) for s in range(40, 100)]
+
+
+def test_closed_vqa_source_counts_and_reads_the_closed_rows_of_the_vqa_shards(demo_shards):
+    import pyarrow.parquet as pq
+
+    from flows.train.trainer import source_rows, step_planners, training_sources
+
+    cfg = load_train_config(params(shards=str(demo_shards), finetune={"steps": 50, "tasks": ["vqa", "nli"],
+                                                                       "curriculum": {"steps": 10, "objectives": {
+                                                                           "vqa_closed": 1.0}}}), "finetune")
+    files = training_sources(cfg, demo_shards)
+    assert files["vqa_closed"] == files["vqa"]
+    counts = source_rows(demo_shards, files)
+    kinds = [t for p in files["vqa"] for t in pq.read_table(p, columns=["answer_type"])["answer_type"].to_pylist()]
+    assert counts["vqa_closed"] == kinds.count("CLOSED") and 0 < counts["vqa_closed"] < counts["vqa"] == len(kinds)
+    mixture, first = step_planners(cfg, counts)
+    assert first.sources == ["vqa_closed"] and set(mixture.sources) == {"vqa", "nli"}
+    cfg.tasks = ["nli"]
+    with pytest.raises(GalenInputError, match="objective vqa_closed reads the vqa shards, but vqa is not in "
+                                              "train.tasks"):
+        training_sources(cfg, demo_shards)
+    with pytest.raises(GalenInputError, match="no objective has both a positive weight and training data"):
+        step_planners(cfg, {**counts, "vqa_closed": 0})
 
 
 def test_missing_shards_tokenizer_or_task_data_are_clear(tmp_path):

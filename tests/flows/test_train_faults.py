@@ -43,8 +43,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # setup (the referen
 RUN_S = 1200  # one tiny run takes 1-4 minutes on a loaded 2-core machine
 
 
+# The fine-tuning curriculum runs across the checkpoint a restart resumes from: closed VQA alone for
+# steps 0-4 (a filtered view of the vqa shards), then the mixture with closed VQA on top, lr rewarmed.
+CURRICULUM = {"objectives": {"vqa_closed": 1.0},
+              "curriculum": {"steps": 5, "objectives": {"vqa_closed": 1.0}, "rewarm_steps": 2}}
+
+
 def job_params(root: Path, storage: str, demo_shards: Path, demo_model_dir: Path) -> Path:
-    return write_params(root / "params.yaml", **SMALL_JOB, experiment=root.name, storage_path=storage,
+    return write_params(root / "params.yaml", **SMALL_JOB, **CURRICULUM, experiment=root.name, storage_path=storage,
                         shards=str(demo_shards), tokenizer=str(demo_model_dir), init=str(demo_model_dir),
                         out=str(root / "model"), metrics=str(root / "metrics.json"))
 
@@ -79,6 +85,8 @@ def reference(tmp_path_factory, demo_shards, demo_model_dir) -> dict:
     assert result["metrics"]["step"] == SMALL_JOB["steps"]
     assert [s for s, _ in result["lr"]] == list(range(1, SMALL_JOB["steps"] + 1))  # log_every 1
     assert result["resumed_from_step"] == []
+    # 5 curriculum steps x 4 rows per worker from the closed-VQA view, then some of the mixture's
+    assert result["metrics"]["consumed/vqa_closed"] > 5 * SMALL_JOB["batch_size"]
     return {**result, "weights": load_weights(root / "model")}
 
 
