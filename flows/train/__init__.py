@@ -1,1 +1,10 @@
-"""Training flow: turning validated records into model-ready examples and batches (Ray Train comes next)."""
+"""Training on Ray Train: the generalist (`trainer`) and the contrastive model (`contrastive`)."""
+
+
+def quiet_dashboardless_ray() -> None:
+    """`worker_process_setup_hook` of the local Ray `galen` starts without its dashboard, hence
+    without the State API: Ray Train's placement-group cleaner would warn that it cannot query it
+    once a second for the whole run (hundreds of lines in `dvc repro`). Only that logger is quieted."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

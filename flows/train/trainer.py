@@ -384,7 +384,7 @@ def _lr_lambda(total: int, warmup: int, rewarm_at: int = 0, rewarm: int = 0):
 
 def lr_schedule(cfg: TrainConfig):
     """The lr multiplier per step of this job (warmup, decay, curriculum rewarm)."""
-    cur = cfg.curriculum
+    cur = cfg.curriculum if cfg.curriculum is not None and cfg.curriculum.steps else None
     return _lr_lambda(cfg.steps, int(cfg.steps * cfg.warmup_ratio), cur.steps if cur else 0,
                       cur.rewarm_steps if cur else 0)
 
@@ -659,7 +659,8 @@ def start_ray(num_workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + num_workers, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=(os.cpu_count() or 1) + num_workers, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "flows.train.quiet_dashboardless_ray"})
 
 
 def fit_and_finish(trainer: Any, run: Any, job_dir: Any, out: str, metrics_file: str | None) -> dict:

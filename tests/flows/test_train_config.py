@@ -65,6 +65,8 @@ def test_lr_rewarms_after_the_curriculum_and_rejoins_the_decay():
     assert [lr(s) for s in range(30)] == [base(s) for s in range(30)]          # warmup 5 steps, then decay
     assert lr(30) == pytest.approx(base(30) / 10) and lr(34) == pytest.approx(base(34) / 2)
     assert lr(39) == pytest.approx(base(39)) and [lr(s) for s in range(40, 100)] == [base(s) for s in range(40, 100)]
+    off = load_train_config(params(finetune={"steps": 100, "curriculum": {"steps": 0, "rewarm_steps": 10}}), "finetune")
+    assert [lr_schedule(off)(s) for s in range(100)] == [base(s) for s in range(100)]  # no first phase, no rewarm
 
 
 def test_closed_vqa_source_counts_and_reads_the_closed_rows_of_the_vqa_shards(demo_shards):
