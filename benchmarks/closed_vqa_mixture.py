@@ -4,7 +4,8 @@ first-token yes-vs-no accuracy on the held-out closed VQA-RAD questions (EMA wei
 and the per-task training loss. Variants: task weights (`--w vqa=8,caption=0`), `--avg sample|token`,
 `--lr`, `--closed-only` (VQA-RAD closed questions only), `--closed-first N --closed-weight W --rewarm R`
 (the fine-tuning curriculum: N steps of closed questions alone, then the mixture with closed questions
-at weight W and the lr ramped up again over R steps), `--init scratch`, `--vqa-images N` (a fresh
+at weight W and the lr ramped up again over R steps; `--closed-datasets vqa-rad,slake` takes SLAKE's
+closed questions too, as the trainer's `vqa_closed` does), `--init scratch`, `--vqa-images N` (a fresh
 demo VQA-RAD of N images in place of the shards' one).
 
     PYTHONPATH=. python benchmarks/closed_vqa_mixture.py --steps 600 --threads 1 --avg sample --w vqa=8
@@ -42,7 +43,8 @@ ap.add_argument("--vqa-images", type=int, default=0)
 ap.add_argument("--closed-only", action="store_true")
 ap.add_argument("--closed-first", type=int, default=0)  # curriculum: closed VQA only for the first N steps
 ap.add_argument("--closed-weight", type=float, default=0.0)  # closed VQA as its own mixture component
-ap.add_argument("--rewarm", type=int, default=0)  # after the closed-only phase, ramp the lr again over N steps
+ap.add_argument("--rewarm", type=int, default=0)
+ap.add_argument("--closed-datasets", default="vqa-rad")  # the trainer's vqa_closed: vqa-rad,slake  # after the closed-only phase, ramp the lr again over N steps
 a = ap.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
 S = ROOT / "data" / "shards"
@@ -71,7 +73,8 @@ if a.vqa_images:
     rows["vqa"] = [r for r in rows["vqa"] if r.dataset != "vqa-rad"] + vq["train"]
     random.Random(0).shuffle(rows["vqa"])
 if a.closed_only: rows["vqa"] = [r for r in rows["vqa"] if r.dataset == "vqa-rad" and (r.answer_type or "").upper() == "CLOSED"]
-rows["vqa_closed"] = [r for r in rows["vqa"] if r.dataset == "vqa-rad" and (r.answer_type or "").upper() == "CLOSED"]
+ap2 = a.closed_datasets.split(",")
+rows["vqa_closed"] = [r for r in rows["vqa"] if r.dataset in ap2 and (r.answer_type or "").upper() == "CLOSED"]
 counts = {t: len(v) for t, v in rows.items()}
 model = GalenModel.from_pretrained(a.init) if a.init != "scratch" else GalenModel(get_config("nano", vocab_size=len(tok), image_size=128))
 mix = dict(weights, **({"vqa_closed": a.closed_weight} if a.closed_weight else {}))

@@ -599,7 +599,7 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from flows.tracking import StorageFolder, TrainingRun, run_id_file, tracking_uri
-    from flows.train.objectives import subset_keeps
+    from ray.data.expressions import col
 
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())
@@ -627,9 +627,9 @@ def train(cfg: TrainConfig) -> dict:
     ctx.execution_options.preserve_order = True  # the same rows in the same order after a restart
     ctx.enable_progress_bars = False  # one progress bar (the training one), not one per dataset
     datasets = {t: ray.data.read_parquet([str(Path(p).resolve()) for p in f]) for t, f in files.items()}
-    for name in SUBSET_SOURCES:
-        if name in datasets:
-            datasets[name] = datasets[name].filter(subset_keeps(name))
+    for name, (_, column, value) in SUBSET_SOURCES.items():
+        if name in datasets:  # an Arrow-native predicate (the same test as subset_keeps, which counted the rows)
+            datasets[name] = datasets[name].filter(expr=col(column) == value)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(cfg) | {"tokenizer": str(Path(cfg.tokenizer).resolve()),
