@@ -57,12 +57,6 @@ SUBSET_SOURCES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def subset_keeps(source: str) -> Callable[[Mapping], bool]:
-    """The row filter of a subset source (used to count its rows and to read them)."""
-    _, column, value = SUBSET_SOURCES[source]
-    return lambda row: row.get(column) == value
-
-
 @dataclass(frozen=True)
 class Slot:
     """One row of a batch: which objective, fed by which source shard."""

@@ -55,8 +55,8 @@ def run_field_problems(cfg: Any, positive: tuple[str, ...]) -> list[str]:
 @dataclass
 class Curriculum:
     """A first phase of training with its own objective weights, then the job's mixture. On the demo,
-    fine-tuning starts on closed-ended VQA alone: in a mixed batch the answer position never learns
-    to look at the image within the CPU budget, alone it does in ~100 steps (BENCHMARKS.md)."""
+    e.g. closed-ended VQA alone before the mixture (off by default: it taught closed VQA in a replica
+    from one pretrained model, not in the pipeline from another; BENCHMARKS.md)."""
 
     steps: int = 0                          # length of the first phase (0: no curriculum)
     objectives: dict[str, float] = field(default_factory=dict)
@@ -135,18 +135,16 @@ class TrainConfig:
             self.curriculum = Curriculum(**self.curriculum)
 
     def known_objectives(self) -> tuple[str, ...]:
-        from flows.train.objectives import PRETRAIN_SOURCES, SUBSET_SOURCES
+        from flows.train.objectives import PRETRAIN_SOURCES
 
         return tuple(PRETRAIN_SOURCES) if self.stage == "pretrain" else FINETUNE_OBJECTIVES + tuple(SUBSET_SOURCES)
 
-    def objective_weights(self, step: int | None = None) -> dict[str, float]:
-        """The weights of the objectives mixed at `step` (None: after any curriculum). Pretraining:
-        `objectives`; fine-tuning: one objective per task (the driver fills in the shards' mixture)
-        with `objectives` on top."""
+    def objective_weights(self) -> dict[str, float]:
+        """The mixture's weights (a curriculum's first phase has its own). Pretraining: `objectives`;
+        fine-tuning: one objective per task (the driver fills in the shards' mixture) with
+        `objectives` on top."""
         from flows.train.objectives import PRETRAIN_SOURCES
 
-        if step is not None and self.curriculum is not None and step < self.curriculum.steps:
-            return dict(self.curriculum.objectives)
         if self.stage == "pretrain":
             return dict(self.objectives if self.objectives is not None else {k: 1.0 for k in PRETRAIN_SOURCES})
         return {t: 1.0 for t in self.tasks} | dict(self.objectives or {})
@@ -256,15 +254,13 @@ def source_rows(shards: Path, files: dict[str, list[str]]) -> dict[str, int]:
     """Training rows per source: the manifest's count for a task, the kept rows for a subset."""
     import pyarrow.parquet as pq
 
-    from flows.train.objectives import subset_keeps
-
     by_task_split = json.loads((shards / "manifest.json").read_text())["by_task_split"]
     counts = {}
     for source, paths in files.items():
         if source in SUBSET_SOURCES:
-            column, keeps = SUBSET_SOURCES[source][1], subset_keeps(source)
-            counts[source] = sum(keeps({column: v}) for p in paths
-                                 for v in pq.read_table(p, columns=[column])[column].to_pylist())
+            _, column, value = SUBSET_SOURCES[source]  # the same test Ray Data reads them with (train())
+            counts[source] = sum(pq.read_table(p, columns=[column], filters=[(column, "==", value)]).num_rows
+                                 for p in paths)
         else:
             counts[source] = by_task_split.get(f"{source}/train", 0)
     return counts
@@ -628,7 +624,7 @@ def train(cfg: TrainConfig) -> dict:
     ctx.enable_progress_bars = False  # one progress bar (the training one), not one per dataset
     datasets = {t: ray.data.read_parquet([str(Path(p).resolve()) for p in f]) for t, f in files.items()}
     for name, (_, column, value) in SUBSET_SOURCES.items():
-        if name in datasets:  # an Arrow-native predicate (the same test as subset_keeps, which counted the rows)
+        if name in datasets:  # an Arrow-native predicate (source_rows counted the rows it keeps)
             datasets[name] = datasets[name].filter(expr=col(column) == value)
     trainer = TorchTrainer(
         train_worker,
