@@ -49,12 +49,19 @@ PRETRAIN_SOURCES: dict[str, tuple[str, ...]] = {
     "image_infilling": ("caption", "vqa", "classification", "grounding"),
 }
 FINETUNE_OBJECTIVES: tuple[str, ...] = ("vqa", "caption", "classification", "nli", "summarization", "grounding")
-# Fine-tuning objectives that read a subset of one task's shards, so that it can get its own weight:
+# Objectives (of either stage) that read a subset of one task's shards, so that it can get its own weight:
 # objective (= its source) -> (task, column, value kept). Closed-ended questions answer in one or two
 # tokens, so under a token-averaged loss they get ~1% of a mixed batch's gradient unless weighted.
 SUBSET_SOURCES: dict[str, tuple[str, str, str]] = {
     "vqa_closed": ("vqa", "answer_type", "CLOSED"),
 }
+
+
+def objective_sources(stage: str) -> dict[str, tuple[str, ...]]:
+    """Objective -> the sources that can feed it: pretraining's OFA objectives or fine-tuning's one per
+    task, and in both stages the subset objectives (each its own source)."""
+    base = PRETRAIN_SOURCES if stage == "pretrain" else {t: (t,) for t in FINETUNE_OBJECTIVES}
+    return {**base, **{name: (name,) for name in SUBSET_SOURCES}}
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,8 @@ class TrainConfig:
     curriculum: Curriculum | None = None    # a first phase on other objective weights
     ema_decay: float | None = None          # fine-tuning EMA of the weights (the saved model is the EMA)
     image_codes: str | None = "data/image_codes.parquet"  # image-infilling targets (pretraining)
-    image_size: int | None = None           # model input size (None: the shards' size, 2x128 with image infilling)
+    image_size: int | None = None           # model input size for a new model (None: the shards' size); training,
+                                            # evaluation and serving all resize to the model's size
     cache_rows: int = 10000                 # a worker's shard of a task up to this many rows is cycled in memory
 
     def __post_init__(self) -> None:
@@ -135,9 +136,9 @@ class TrainConfig:
             self.curriculum = Curriculum(**self.curriculum)
 
     def known_objectives(self) -> tuple[str, ...]:
-        from flows.train.objectives import PRETRAIN_SOURCES
+        from flows.train.objectives import objective_sources
 
-        return tuple(PRETRAIN_SOURCES) if self.stage == "pretrain" else FINETUNE_OBJECTIVES + tuple(SUBSET_SOURCES)
+        return tuple(objective_sources(self.stage))
 
     def objective_weights(self) -> dict[str, float]:
         """The mixture's weights (a curriculum's first phase has its own). Pretraining: `objectives`;
@@ -225,11 +226,12 @@ def training_sources(cfg: TrainConfig, shards: Path) -> dict[str, list[str]]:
     """Shard files per source task. Fine-tuning needs every listed task; pretraining reads whatever
     its objectives can use (an objective without data is dropped, not an error)."""
     from flows.shards import shard_paths
-    from flows.train.objectives import PRETRAIN_SOURCES
+    from flows.train.objectives import objective_sources
 
     if cfg.stage == "pretrain":
-        wanted = sorted({s for name, w in cfg.objective_weights().items() if w > 0 for s in PRETRAIN_SOURCES[name]})
-        files = {t: shard_paths(shards, t, "train") for t in wanted}
+        sources = objective_sources(cfg.stage)
+        wanted = sorted({s for name in cfg.planned_objectives() for s in sources[name]})
+        files = {t: shard_paths(shards, SUBSET_SOURCES[t][0] if t in SUBSET_SOURCES else t, "train") for t in wanted}
         files = {t: f for t, f in files.items() if f}
         if not files:
             raise GalenInputError(f"no training shards under {shards} for any pretraining objective "
@@ -269,10 +271,10 @@ def source_rows(shards: Path, files: dict[str, list[str]]) -> dict[str, int]:
 def step_planners(cfg: TrainConfig, counts: dict[str, int]) -> tuple[Any, Any]:
     """(the mixture's planner, the curriculum's or None); building them checks that every phase has
     an objective with both weight and rows, so the driver can refuse a job before workers start."""
-    from flows.train.objectives import PRETRAIN_SOURCES, StepPlanner
+    from flows.train.objectives import StepPlanner, objective_sources
 
     def planner(weights: dict[str, float]) -> Any:
-        sources = PRETRAIN_SOURCES if cfg.stage == "pretrain" else {t: (t,) for t in weights}
+        sources = objective_sources(cfg.stage) if cfg.stage == "pretrain" else {t: (t,) for t in weights}
         return StepPlanner(weights, sources, counts, cfg.seed)
 
     first = cfg.curriculum is not None and cfg.curriculum.steps > 0
@@ -441,7 +443,9 @@ def train_worker(config: dict) -> None:
     codes = None
     if cfg.stage == "pretrain" and any("image_infilling" in p.objectives for p in phases):
         codes = PrecomputedCodes.from_file(cfg.image_codes)  # type: ignore[arg-type]
-    builder = ExampleBuilder(tok, config["data_image_size"], candidates=config["candidates"], image_codes=codes,
+    # the model's own input size, the one evaluation and serving resize to (image infilling builds its
+    # 2 x code_image_size images itself)
+    builder = ExampleBuilder(tok, model.cfg.image_size, candidates=config["candidates"], image_codes=codes,
                              code_image_size=model.cfg.code_image_size)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -549,16 +553,16 @@ def train_worker(config: dict) -> None:
 # driver side
 # --------------------------------------------------------------------------------------------------
 def model_image_size(cfg: TrainConfig, manifest: dict, tasks: list[str]) -> int:
-    """The input size the model is built for: the largest of the shards' sizes, or twice the code
-    crop when pretraining does image infilling (OFA blanks the middle 128 of a 256 image)."""
+    """The input size the model is built for and trained at: init's, `image_size`, or the largest of the
+    shards' sizes. Evaluation and serving resize to the same size (model config.json), so training must
+    too: a model trained on 128-px images and asked about 256-px ones sees every finding at twice the
+    scale it learned. Image infilling is not a reason for a larger size: it builds its own
+    2 x code_image_size images, and image positions are bucketed."""
     if cfg.init:
         return int(json.loads((Path(cfg.init) / "config.json").read_text()).get("image_size", 256))
     if cfg.image_size:
         return cfg.image_size
-    size = max(int(manifest.get("image_size", {}).get(t, 128)) for t in tasks)
-    if cfg.stage == "pretrain" and cfg.objective_weights().get("image_infilling", 0) > 0:
-        size = max(size, 256)
-    return size
+    return max(int(manifest.get("image_size", {}).get(t, 128)) for t in tasks)
 
 
 FINISHED_MARKER = "galen_finished.json"
@@ -603,7 +607,6 @@ def train(cfg: TrainConfig) -> dict:
     counts = source_rows(Path(cfg.shards), files)
     tasks = [t for t in files if t not in SUBSET_SOURCES]
     image_size = model_image_size(cfg, manifest, tasks)
-    data_image_size = max(int(manifest.get("image_size", {}).get(t, 128)) for t in tasks)
     if cfg.stage == "finetune":  # the task mixture of the shards stage, params' objectives on top
         cfg.objectives = {t: float(manifest.get("mixture", {}).get(t, 1.0)) for t in cfg.tasks} | (cfg.objectives or {})
     step_planners(cfg, counts)  # an objective-less phase (no rows of any weighted objective) fails here
@@ -633,8 +636,7 @@ def train(cfg: TrainConfig) -> dict:
                                                    "init": cfg.init and str(Path(cfg.init).resolve()),
                                                    "image_codes": cfg.image_codes and str(Path(cfg.image_codes).resolve())},
                            "run_id": run.run_id, "tracking_uri": tracking_uri(), "candidates": candidates,
-                           "counts": counts, "image_size": image_size,
-                           "data_image_size": data_image_size},
+                           "counts": counts, "image_size": image_size},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=job_name, storage_path=storage_path, storage_filesystem=storage_fs,

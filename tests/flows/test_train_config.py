@@ -92,6 +92,38 @@ def test_closed_vqa_source_counts_and_reads_the_closed_rows_of_the_vqa_shards(de
         step_planners(cfg, {**counts, "vqa_closed": 0})
 
 
+def test_pretraining_can_weight_closed_vqa_as_its_own_objective(demo_shards):
+    from flows.train.trainer import source_rows, step_planners, training_sources
+
+    cfg = load_train_config(params(shards=str(demo_shards), pretrain={
+        "steps": 50, "objectives": {"caption": 1.0, "vqa_closed": 0.5},
+        "curriculum": {"steps": 10, "objectives": {"vqa_closed": 1.0}}}), "pretrain")
+    files = training_sources(cfg, demo_shards)
+    assert set(files) == {"caption", "vqa_closed"} and files["vqa_closed"]  # curriculum objectives read too
+    counts = source_rows(demo_shards, files)
+    mixture, first = step_planners(cfg, counts)
+    assert first.sources == ["vqa_closed"] and set(mixture.sources) == {"caption", "vqa_closed"}
+    with pytest.raises(GalenInputError, match=r"unknown pretrain objectives \[.vqa_closd.\]; known: .*vqa_closed"):
+        load_train_config(params(pretrain={"objectives": {"vqa_closd": 1.0}}), "pretrain")
+
+
+def test_the_model_is_built_for_the_size_its_shards_are_trained_and_served_at(tmp_path):
+    """Evaluation and serving resize to config.json's image_size; training must use the same size, image
+    infilling (which builds its own 256-px images) included."""
+    import json
+
+    from flows.train.trainer import model_image_size
+
+    manifest = {"image_size": {"caption": 128, "vqa": 128, "grounding": 160}}
+    pretrain = load_train_config(params(), "pretrain")
+    assert pretrain.objective_weights().get("image_infilling", 0) > 0
+    assert model_image_size(pretrain, manifest, ["caption", "vqa"]) == 128
+    assert model_image_size(pretrain, manifest, ["caption", "grounding"]) == 160
+    assert model_image_size(load_train_config(params(image_size=224), "pretrain"), manifest, ["vqa"]) == 224
+    (tmp_path / "config.json").write_text(json.dumps({"image_size": 384}))
+    assert model_image_size(load_train_config(params(init=str(tmp_path)), "finetune"), manifest, ["vqa"]) == 384
+
+
 def test_missing_shards_tokenizer_or_task_data_are_clear(tmp_path):
     cfg = load_train_config(params(shards=str(tmp_path / "none"), tokenizer=str(tmp_path / "tok")), "finetune")
     with pytest.raises(GalenInputError, match="run `dvc repro shards` first"):
