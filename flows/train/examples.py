@@ -203,6 +203,9 @@ def make_example(record: Record, tokenizer: GalenTokenizer, image_size: int, *, 
     image, _ = decode_image(record.image, image_size)
     if task == "vqa":
         prompt = vqa_prompt(record.question or "")
+        # answers lower-cased like the questions and the answer sets (reference normalisation): SLAKE's
+        # "Yes" and VQA-RAD's "yes" are one answer, and the target is in its closed set
+        target = target.lower()
         meta["answer_type"] = record.answer_type
     else:  # caption and classification share the reference caption instruction
         prompt = build_prompt(task)

@@ -81,6 +81,18 @@ def test_vqa_prompt_target_bos_eos_and_image(tok):
     assert ex.meta["truncated"] is False and ex.meta["answer_type"] == "CLOSED"
 
 
+def test_vqa_answers_are_lower_cased_like_the_answer_sets(tok):
+    """SLAKE answers "Yes", VQA-RAD "yes": one answer, and inside the (lower-cased) closed set."""
+    from flows.shards import closed_answer_sets
+
+    r = rec("vqa", image=png(), question="Is there a nodule?", target="Yes", answer_type="CLOSED")
+    answers = closed_answer_sets([{"task": "vqa", "split": "train", "dataset": "demo", "target": t, "candidates": None}
+                                  for t in ("Yes", "no", "CT")])["demo"]["vqa"]
+    ex = make_example(r, tok, S, candidates=answers)
+    assert ex.target == tok.encode_target("yes") and ex.candidates is not None
+    assert not ex.meta.get("target_outside_candidates")
+
+
 def test_vqa_answer_outside_closed_set_drops_constraint(tok):
     r = rec("vqa", image=png(), question="what organ?", target="liver")
     ex = make_example(r, tok, S, candidates=["yes", "no"])
