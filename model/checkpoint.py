@@ -21,14 +21,17 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_TAG = {"format": "pt", "galen_format": "generalist", "galen_format_version": "1"}
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write config, safetensors weights and (optionally) the tokenizer files into `directory`."""
+def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write config, safetensors weights and (optionally) the tokenizer files into `directory`;
+    `dtype` casts the floating-point tensors (fp32 weights from a model trained in bf16)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and len(tokenizer) != model.cfg.vocab_size:
         raise GalenCheckpointError(f"tokenizer has {len(tokenizer)} entries but the model's vocabulary is "
                                    f"{model.cfg.vocab_size}; save the tokenizer the model was built for")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata=FORMAT_TAG)
     tmp.replace(out / WEIGHTS_FILE)  # atomic: a crash never leaves a half-written weights file

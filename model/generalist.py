@@ -505,9 +505,9 @@ class GalenModel(nn.Module):
         return self.logits(self.decoder.step(self.embed_tokens(tokens), cache))
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+    def save_pretrained(self, directory: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
         from model.checkpoint import save_pretrained
-        return save_pretrained(self, directory, tokenizer)
+        return save_pretrained(self, directory, tokenizer, dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "GalenModel":

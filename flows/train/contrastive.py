@@ -156,7 +156,7 @@ def clip_worker(config: dict) -> None:
     from flows.ingest.schema import from_row
     from flows.tracking import TrainingRun
     from flows.train.objectives import step_rng
-    from flows.train.streams import endless_rows
+    from flows.train.streams import endless_rows, prefetched
     from flows.train.trainer import _save_state
     from model.contrastive import ContrastiveModel
     from model.losses import contrastive_loss
@@ -200,7 +200,7 @@ def clip_worker(config: dict) -> None:
         run.increment_tag("galen.checkpoint_restores")
     shards = {t: ray.train.get_dataset_shard(t) for t in config["counts"]}
 
-    streams = {t: endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows) for t in shards}
+    streams = {t: prefetched(endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows)) for t in shards}
     sources, weights = zip(*sorted(config["weights"].items()))
     bar = tqdm(total=cfg.steps, initial=step, desc="clip", unit="step", disable=rank != 0, mininterval=5,
                dynamic_ncols=True)

@@ -396,15 +396,18 @@ def _save_state(directory: str, engine: Any, ema: Any, rank: int, state: dict) -
 
 
 def _save_final_model(engine: Any, model: Any, cfg: TrainConfig, tok: Any, rank: int) -> None:
-    """Rank 0 writes the Galen model folder; under ZeRO-3 all ranks gather the partitions first."""
+    """Rank 0 writes the Galen model folder (fp32; after bf16 training, the bf16 weights the model
+    ran with, like DeepSpeed's 16-bit export); under ZeRO-3 all ranks gather the partitions first."""
+    import torch
+
     if cfg.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
-                model.save_pretrained(cfg.out, tok)
+                model.save_pretrained(cfg.out, tok, dtype=torch.float32)
     elif rank == 0:
-        engine.module.save_pretrained(cfg.out, tok)
+        engine.module.save_pretrained(cfg.out, tok, dtype=torch.float32)
 
 
 def train_worker(config: dict) -> None:
@@ -419,7 +422,7 @@ def train_worker(config: dict) -> None:
     from flows.train.ema import WeightEMA
     from flows.train.examples import collate
     from flows.train.objectives import ExampleBuilder, group_by_image_shape, step_rng
-    from flows.train.streams import endless_rows
+    from flows.train.streams import endless_rows, prefetched
     from model.config import get_config
     from model.generalist import GalenModel
     from model.image_codes import PrecomputedCodes
@@ -459,6 +462,10 @@ def train_worker(config: dict) -> None:
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # DeepSpeed cast the weights...
+    for buffer in engine.module.buffers():  # ...not the buffers (BatchNorm statistics): inputs and buffers follow
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(compute_dtype)
     ema = WeightEMA(list(model.parameters()), cfg.ema_decay) if cfg.ema_decay else None
 
     step, consumed = 0, {t: 0 for t in config["counts"]}
@@ -477,7 +484,7 @@ def train_worker(config: dict) -> None:
         run.increment_tag("galen.checkpoint_restores")  # worker-group restarts and reruns that continued the run
     sources = sorted({s for p in phases for s in p.sources})
     shards = {t: ray.train.get_dataset_shard(t) for t in sources}
-    streams = {t: endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows) for t in sources}
+    streams = {t: prefetched(endless_rows(shards[t].iter_rows, consumed[t], cfg.cache_rows)) for t in sources}
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, unit="step", disable=rank != 0, mininterval=5,
                dynamic_ncols=True)
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
@@ -497,7 +504,8 @@ def train_worker(config: dict) -> None:
             parts, tokens, weight = [], 0, 0
             for group in group_by_image_shape(examples):
                 batch = collate(group, tok)
-                out = engine(batch.input_ids, batch.decoder_input_ids, images=batch.images,
+                images = batch.images.to(compute_dtype) if batch.images is not None else None
+                out = engine(batch.input_ids, batch.decoder_input_ids, images=images,
                              patch_masks=batch.patch_masks, code_masks=batch.code_masks)
                 loss = label_smoothed_cross_entropy(out.logits, batch.target, cfg.label_smoothing, tok.pad_id,
                                                     allowed=batch.allowed, average=cfg.loss_average)

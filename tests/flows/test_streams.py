@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from itertools import islice
 
 import pytest
 
-from flows.train.streams import endless_rows
+from flows.train.streams import endless_rows, prefetched
 
 
 class Shard:
@@ -41,3 +42,18 @@ def test_a_small_shard_is_read_once_and_a_large_one_every_epoch():
 def test_an_empty_shard_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="no rows to this worker"):
         next(endless_rows(Shard(0).iter_rows))
+
+
+def test_prefetched_streams_start_reading_at_once_keep_their_order_and_raise_errors():
+    started = threading.Event()
+
+    def epoch():
+        started.set()
+        yield from range(5)
+
+    rows = prefetched(endless_rows(epoch, 2), size=4)
+    assert started.wait(10)                    # read before anyone asked for a row
+    assert list(islice(rows, 9)) == [2, 3, 4, 0, 1, 2, 3, 4, 0]
+    empty = prefetched(endless_rows(Shard(0).iter_rows))
+    with pytest.raises(RuntimeError, match="gave no rows to this worker"):
+        next(empty)

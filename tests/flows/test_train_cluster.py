@@ -100,11 +100,16 @@ def two_node_cluster(tmp_path):
 
 @pytest.mark.timeout(1500)
 def test_galen_submit_trains_on_both_nodes_of_a_cluster(two_node_cluster, tmp_path, demo_shards, demo_model_dir):
+    import torch
+    from safetensors import safe_open
+
     from model.generalist import GalenModel
 
     url, env = two_node_cluster["dashboard"], two_node_cluster["env"]
     out = tmp_path / "model"
-    params = write_params(tmp_path / "params.yaml", **{**SMALL_JOB, "steps": 4, "checkpoint_every": 2},
+    # bf16 on CPU and gradient accumulation ride along: 2 micro-batches per step, bf16 weights and inputs
+    params = write_params(tmp_path / "params.yaml", **{**SMALL_JOB, "steps": 4, "checkpoint_every": 2,
+                                                       "precision": "bf16", "grad_accum": 2},
                           placement_strategy="STRICT_SPREAD", experiment="cluster",
                           storage_path=str(tmp_path / "storage"), shards=str(demo_shards),
                           tokenizer=str(demo_model_dir), init=str(demo_model_dir), out=str(out),
@@ -127,12 +132,17 @@ def test_galen_submit_trains_on_both_nodes_of_a_cluster(two_node_cluster, tmp_pa
     assert len(state["workers"]) == 2 and set(state["workers"]) == set(state["nodes"]), state
 
     GalenModel.from_pretrained(out)                                      # rank 0 wrote the model folder
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:     # fp32 on disk after bf16 training
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} <= {torch.float32, torch.int64}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["step"] == 4
+    per_step = SMALL_JOB["batch_size"] * 2                              # grad_accum 2: two micro-batches a step
+    assert sum(v for k, v in metrics.items() if k.startswith("consumed/")) == 4 * per_step
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])                    # forwarded to the job by submit
     run = only_run(client, "cluster")
     assert run.info.run_id == metrics["run_id"] and run.info.status == "FINISHED"
     assert run.data.params["placement_strategy"] == "STRICT_SPREAD"
+    assert run.data.params["precision"] == "bf16" and run.data.params["grad_accum"] == "2"
     assert [s for s, _ in metric_history(client, run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert any(a.path == "model" for a in client.list_artifacts(run.info.run_id))
 
