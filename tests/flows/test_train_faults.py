@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -82,7 +83,11 @@ def reference(tmp_path_factory, demo_shards, demo_model_dir) -> dict:
         job.close()
         cleanup_dir(ray_tmp)
     result = outcome(root)
-    assert "Failed to query Ray Train Controller" not in (root / "train.log").read_text()  # no State API noise
+    log = (root / "train.log").read_text(errors="replace")
+    assert "Failed to query Ray Train Controller" not in log  # no State API noise
+    # one console progress bar a person can follow: steps, elapsed<ETA, loss and throughput
+    assert re.search(r"finetune: 100%\|[^|]*\| 12/12 \[\d\d:\d\d<\d\d:\d\d,\s+[0-9.]+(?:s/step|step/s), loss=[0-9.]+, "
+                     r"samples/s=[0-9.]+\]", log), log[-3000:]
     assert result["metrics"]["step"] == SMALL_JOB["steps"]
     assert [s for s, _ in result["lr"]] == list(range(1, SMALL_JOB["steps"] + 1))  # log_every 1
     assert result["resumed_from_step"] == []
