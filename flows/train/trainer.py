@@ -274,8 +274,7 @@ def step_planners(cfg: TrainConfig, counts: dict[str, int]) -> tuple[Any, Any]:
     from flows.train.objectives import StepPlanner, objective_sources
 
     def planner(weights: dict[str, float]) -> Any:
-        sources = objective_sources(cfg.stage) if cfg.stage == "pretrain" else {t: (t,) for t in weights}
-        return StepPlanner(weights, sources, counts, cfg.seed)
+        return StepPlanner(weights, objective_sources(cfg.stage), counts, cfg.seed)
 
     first = cfg.curriculum is not None and cfg.curriculum.steps > 0
     return planner(cfg.objective_weights()), planner(cfg.curriculum.objectives) if first else None
