@@ -25,15 +25,26 @@ import os
 import tempfile
 from pathlib import Path
 
-from _common import (ROOT, add_run_args, command_line, fmt_s, interleaved, machine_facts, machine_line,
-                     markdown_table, quantiles, set_threads, write_json)
+from _common import (
+    ROOT,
+    add_run_args,
+    command_line,
+    fmt_s,
+    interleaved,
+    machine_facts,
+    machine_line,
+    markdown_table,
+    quantiles,
+    set_threads,
+    write_json,
+)
 
 
 def _biomedclip(tmp: Path):
     """A BiomedCLIP-layout model with random weights and a small BERT vocabulary file."""
     import torch
 
-    from model.contrastive import ContrastiveModel, HFTextEncoder, build_clip, get_spec
+    from galen.model.contrastive import ContrastiveModel, HFTextEncoder, build_clip, get_spec
 
     spec = get_spec("biomedclip")
     clip = build_clip(spec)
@@ -46,14 +57,14 @@ def _biomedclip(tmp: Path):
 
 
 def _images(n: int) -> list[bytes]:
-    from flows.evaluate import eval_records
+    from galen.flows.evaluate import eval_records
 
     records = eval_records(ROOT / "data" / "shards", "classification")
     return [records[i % len(records)].image for i in range(n)]
 
 
 def _texts(n: int) -> list[str]:
-    from flows.evaluate import eval_records
+    from galen.flows.evaluate import eval_records
 
     records = eval_records(ROOT / "data" / "shards", "caption")
     return [records[i % len(records)].target for i in range(n)]
@@ -62,8 +73,8 @@ def _texts(n: int) -> list[str]:
 def embedding(args: argparse.Namespace, tmp: Path) -> dict:
     import torch
 
-    from model.contrastive import ContrastiveModel
-    from model.tokenizer import GalenTokenizer
+    from galen.model.contrastive import ContrastiveModel
+    from galen.model.tokenizer import GalenTokenizer
 
     if args.config == "biomedclip":
         model = _biomedclip(tmp)
@@ -104,8 +115,8 @@ def embedding(args: argparse.Namespace, tmp: Path) -> dict:
 def training(args: argparse.Namespace, tmp: Path) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     os.chdir(ROOT)
-    from flows.params import load_params
-    from flows.train.contrastive import load_clip_train_config, train_clip
+    from galen.flows.params import load_params
+    from galen.flows.train.contrastive import load_clip_train_config, train_clip
 
     runs = []
     for r in range(args.train_repeats):

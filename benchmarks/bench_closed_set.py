@@ -24,21 +24,28 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import (add_run_args, command_line, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
-                                markdown_table, paired_ratio, quantiles, set_threads, write_json)
-from model.config import get_config  # noqa: E402
-from model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate, score_candidates  # noqa: E402
-from model.generalist import GalenModel  # noqa: E402
-from model.losses import label_smoothed_cross_entropy  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    add_run_args,
+    command_line,
+    fmt_x,
+    interleaved,
+    machine_facts,
+    machine_line,
+    markdown_table,
+    paired_ratio,
+    quantiles,
+    set_threads,
+    write_json,
+)
+from galen.model.config import get_config  # noqa: E402
+from galen.model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate, score_candidates  # noqa: E402
+from galen.model.generalist import GalenModel  # noqa: E402
+from galen.model.losses import label_smoothed_cross_entropy  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # A VQA-RAD-like answer vocabulary
@@ -188,7 +195,7 @@ class WordTokenizer:
 
 def build_tokenizer(texts: list[str], sp_vocab: int, seed: int):
     try:
-        from model.tokenizer import GalenTokenizer, train_sentencepiece
+        from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
         out = tempfile.mkdtemp(prefix="galen_bench_tok_")
         vocab = sp_vocab
         while True:
@@ -224,7 +231,7 @@ def train(model: GalenModel, prompts: list[list[int]], targets: list[list[int]],
     model.train()
     losses = []
     n = len(prompts)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randperm(n, generator=g)[:batch].tolist()
         ids = pad([prompts[i] for i in idx], pad_id)
         tgt = pad([targets[i] for i in idx], pad_id)

@@ -24,14 +24,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from flows.demo_data import write_demo  # noqa: E402
-from flows.ingest import ingest  # noqa: E402
-from flows.ingest.schema import read_records  # noqa: E402
-from flows.params import load_params  # noqa: E402
-from flows.shards import ShardConfig, build_shards  # noqa: E402
-from flows.validate import ValidationConfig, validate  # noqa: E402
+from galen.flows.demo_data import write_demo  # noqa: E402
+from galen.flows.ingest import ingest  # noqa: E402
+from galen.flows.ingest.schema import read_records  # noqa: E402
+from galen.flows.params import load_params  # noqa: E402
+from galen.flows.shards import ShardConfig, build_shards  # noqa: E402
+from galen.flows.validate import ValidationConfig, validate  # noqa: E402
 
 
 def _ingest_one(job: tuple[str, str, str, dict]) -> int:

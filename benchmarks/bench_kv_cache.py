@@ -17,17 +17,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import (add_run_args, command_line, fmt_s, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
-                                markdown_table, paired_ratio, quantiles, set_threads, write_json)
-from model.config import get_config  # noqa: E402
-from model.decoding import GenerationConfig, generate  # noqa: E402
-from model.generalist import GalenModel  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    add_run_args,
+    command_line,
+    fmt_s,
+    fmt_x,
+    interleaved,
+    machine_facts,
+    machine_line,
+    markdown_table,
+    paired_ratio,
+    quantiles,
+    set_threads,
+    write_json,
+)
+from galen.model.config import get_config  # noqa: E402
+from galen.model.decoding import GenerationConfig, generate  # noqa: E402
+from galen.model.generalist import GalenModel  # noqa: E402
 
 BOS, PAD, EOS = 0, 1, 2
 
@@ -47,8 +56,8 @@ def breakdown(model, ids, images, args) -> str:
     """Wall-clock split of generate(): encoder, cache set-up, decoder step + logits, rules, reorder, rest."""
     import time
 
-    from model import decoding
-    from model.generalist import GalenModel as GM
+    from galen.model import decoding
+    from galen.model.generalist import GalenModel as GM
 
     acc: dict[str, float] = {}
     targets = [(GM, "encode", "encoder"), (GM, "init_cache", "init_cache"),
@@ -122,8 +131,8 @@ def main(argv=None) -> dict:
         gcfg = {c: GenerationConfig(beam_size=beam, min_length=args.tokens, max_length=args.tokens, use_cache=c)
                 for c in (True, False)}
         contestants = {
-            "cached": lambda: generate(model, ids, images, config=gcfg[True]),
-            "uncached": lambda: generate(model, ids, images, config=gcfg[False]),
+            "cached": lambda gcfg=gcfg: generate(model, ids, images, config=gcfg[True]),
+            "uncached": lambda gcfg=gcfg: generate(model, ids, images, config=gcfg[False]),
             "encode": encode_only,
         }
         times, last = interleaved(contestants, args.repeats, args.warmup)

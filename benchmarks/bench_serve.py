@@ -39,9 +39,9 @@ NAME = "galen-generalist"
 
 def make_model(out: Path) -> Path:
     """A random nano model with a tokenizer trained on the demo VQA text."""
-    from flows.cli import corpus_texts, main
-    from flows.demo_data import write_vqa_rad
-    from model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.flows.cli import corpus_texts, main
+    from galen.flows.demo_data import write_vqa_rad
+    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
 
     write_vqa_rad(out / "vqa", num_images=24, image_size=128, seed=0)
     texts = list(corpus_texts([str(out / "vqa" / "trainset.json")], ["question", "answer"]))
@@ -53,8 +53,8 @@ def make_model(out: Path) -> Path:
 
 def register_model(folder: Path, root: Path) -> str:
     """Register `folder` as galen-generalist v1 (champion) in a sqlite registry under `root`."""
-    from flows.params import load_params
-    from flows.registry import MetricRule, RegistryConfig, promote, register
+    from galen.flows.params import load_params
+    from galen.flows.registry import MetricRule, RegistryConfig, promote, register
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     config = RegistryConfig(model_name=NAME, metrics=[MetricRule("nli.accuracy")])
@@ -142,10 +142,10 @@ def model_ceiling(folder: Path, task: str, batch: int, repeats: int = 5) -> dict
     import statistics
 
     import torch
-
     from _common import interleaved
-    from model.predict import GalenPredictor
-    from serve.api import TASKS
+
+    from galen.model.predict import GalenPredictor
+    from galen.serve.api import TASKS
 
     torch.set_num_threads(1)
     predictor = GalenPredictor.load(folder)
@@ -206,8 +206,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serve.app import GalenGeneralist
-    from serve.settings import ServeSettings
+    from galen.serve.app import GalenGeneralist
+    from galen.serve.settings import ServeSettings
 
     facts = machine_facts()
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -223,7 +223,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = "http://127.0.0.1:%d" % port
+    base = f"http://127.0.0.1:{port}"
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:

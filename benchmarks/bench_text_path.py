@@ -17,18 +17,25 @@ and prints the ops whose self CPU time differs most between the two.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import (command_line, fmt_s, fmt_x, interleaved, machine_facts, machine_line,  # noqa: E402
-                                markdown_table, paired_ratio, quantiles, set_threads, write_json)
-from model.config import REFERENCE_VOCAB_SIZE, get_config  # noqa: E402
-from model.generalist import GalenModel  # noqa: E402
-from model.losses import label_smoothed_cross_entropy  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    command_line,
+    fmt_s,
+    fmt_x,
+    interleaved,
+    machine_facts,
+    machine_line,
+    markdown_table,
+    paired_ratio,
+    quantiles,
+    set_threads,
+    write_json,
+)
+from galen.model.config import REFERENCE_VOCAB_SIZE, get_config  # noqa: E402
+from galen.model.generalist import GalenModel  # noqa: E402
+from galen.model.losses import label_smoothed_cross_entropy  # noqa: E402
 
 BOS, PAD, EOS = 0, 1, 2
 DEFAULT_BATCH = {"nano": 32, "tiny": 16, "medium": 8, "base": 8, "large": 4, "huge": 2}

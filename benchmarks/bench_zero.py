@@ -17,12 +17,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -40,8 +38,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-zero-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     os.chdir(ROOT)
-    from flows.params import load_params
-    from flows.train.trainer import load_train_config, train
+    from galen.flows.params import load_params
+    from galen.flows.train.trainer import load_train_config, train
 
     params = load_params("params.yaml")
     results: dict[int, list[float]] = {s: [] for s in args.stages}

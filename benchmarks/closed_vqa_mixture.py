@@ -12,21 +12,26 @@ demo VQA-RAD of N images in place of the shards' one).
 
 Needs `dvc repro pretrain` (artifacts/pretrained, data/shards, artifacts/tokenizer).
 """
-import argparse, json, random, sys, time
+import argparse
+import json
+import random
+import time
 from pathlib import Path
+
 import torch
+
+from galen.flows.ingest.schema import read_records
+from galen.flows.shards import shard_paths
+from galen.flows.train.ema import WeightEMA
+from galen.flows.train.examples import collate
+from galen.flows.train.objectives import ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
+from galen.flows.train.trainer import _lr_lambda
+from galen.model.config import get_config
+from galen.model.generalist import GalenModel
+from galen.model.losses import label_smoothed_cross_entropy
+from galen.model.tokenizer import GalenTokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from flows.shards import shard_paths
-from flows.ingest.schema import read_records
-from flows.train.examples import collate
-from flows.train.objectives import ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
-from flows.train.ema import WeightEMA
-from flows.train.trainer import _lr_lambda
-from model.generalist import GalenModel
-from model.config import get_config
-from model.losses import label_smoothed_cross_entropy
-from model.tokenizer import GalenTokenizer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--init", default=str(ROOT / "artifacts" / "pretrained"))
@@ -57,9 +62,10 @@ for kv in filter(None, a.w.split(",")):
     k, v = kv.split("="); weights[k] = float(v)
 rows = {t: [r for p in shard_paths(S, t, "train") for r in read_records(p)] for t in tasks}
 def raw_vqa(n):
-    from flows.demo_data import write_vqa_rad
-    from flows.ingest.schema import Record
     import tempfile
+
+    from galen.flows.demo_data import write_vqa_rad
+    from galen.flows.ingest.schema import Record
     d = Path(tempfile.gettempdir()) / f"galen-demo-vqa{n}"
     if not d.exists(): write_vqa_rad(d, n, 128, seed=0)
     out = {}

@@ -5,18 +5,24 @@ decoder's first hidden state (the one the answer is read from). Prints train and
 
     PYTHONPATH=. python benchmarks/closed_vqa_probe.py artifacts/model
 """
-import json, random, sys
+import json
+import random
+import sys
 from pathlib import Path
-import numpy as np, torch
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from flows.shards import shard_paths
-from flows.ingest.schema import read_records
-from flows.train.examples import collate
-from flows.train.objectives import ExampleBuilder
-from model.generalist import GalenModel
-from model.tokenizer import GalenTokenizer
+
+import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
+
+from galen.flows.ingest.schema import read_records
+from galen.flows.shards import shard_paths
+from galen.flows.train.examples import collate
+from galen.flows.train.objectives import ExampleBuilder
+from galen.model.generalist import GalenModel
+from galen.model.tokenizer import GalenTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
 m = GalenModel.from_pretrained(sys.argv[1]).eval()
 tok = GalenTokenizer.load(ROOT / "artifacts" / "tokenizer")
 b = ExampleBuilder(tok, 128, candidates=json.load(open(ROOT / "data" / "shards" / "candidates.json")))

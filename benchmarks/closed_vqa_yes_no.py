@@ -9,19 +9,17 @@ Needs the shards stage (data/shards).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.learn_closed_vqa import yes_no_accuracy  # noqa: E402
-from flows.evaluate import eval_records  # noqa: E402
-from flows.train.examples import make_example  # noqa: E402
-from model.generalist import GalenModel  # noqa: E402
-from model.tokenizer import GalenTokenizer  # noqa: E402
+from galen.flows.evaluate import eval_records  # noqa: E402
+from galen.flows.train.examples import make_example  # noqa: E402
+from galen.model.generalist import GalenModel  # noqa: E402
+from galen.model.tokenizer import GalenTokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import argparse
 import ast
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,15 +25,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from flows.demo_data import write_vqa_rad  # noqa: E402
-from flows.ingest.schema import Record  # noqa: E402
-from flows.train.examples import Example, collate, make_example  # noqa: E402
-from model.config import get_config  # noqa: E402
-from model.generalist import GalenModel  # noqa: E402
-from model.losses import label_smoothed_cross_entropy  # noqa: E402
-from model.tokenizer import GalenTokenizer  # noqa: E402
+from galen.flows.demo_data import write_vqa_rad  # noqa: E402
+from galen.flows.ingest.schema import Record  # noqa: E402
+from galen.flows.train.examples import Example, collate, make_example  # noqa: E402
+from galen.model.config import get_config  # noqa: E402
+from galen.model.generalist import GalenModel  # noqa: E402
+from galen.model.losses import label_smoothed_cross_entropy  # noqa: E402
+from galen.model.tokenizer import GalenTokenizer  # noqa: E402
 
 
 def closed_records(folder: Path, split: str, presence_only: bool) -> list[Record]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-from model.errors import GalenError
+from galen.model.errors import GalenError, GalenInputError
 
 CORPUS_FIELDS = ("question", "answer", "report", "caption", "sentence1", "sentence2", "text", "CHQ", "Summary")
 
@@ -21,8 +22,8 @@ CORPUS_FIELDS = ("question", "answer", "report", "caption", "sentence1", "senten
 def cmd_model_info(args: argparse.Namespace) -> None:
     import torch
 
-    from model.config import REFERENCE_PARAMS, SIZES, get_config
-    from model.generalist import GalenModel
+    from galen.model.config import REFERENCE_PARAMS, SIZES, get_config
+    from galen.model.generalist import GalenModel
 
     sizes = list(SIZES) if args.size == "all" else [args.size]
     rows = []
@@ -58,9 +59,9 @@ def cmd_model_info(args: argparse.Namespace) -> None:
 def cmd_model_init(args: argparse.Namespace) -> None:
     import torch
 
-    from model.config import get_config
-    from model.generalist import GalenModel
-    from model.tokenizer import GalenTokenizer
+    from galen.model.config import get_config
+    from galen.model.generalist import GalenModel
+    from galen.model.tokenizer import GalenTokenizer
 
     tok = GalenTokenizer.load(args.tokenizer)
     torch.manual_seed(args.seed)
@@ -72,11 +73,11 @@ def cmd_model_init(args: argparse.Namespace) -> None:
 # -- tokenizer -------------------------------------------------------------------------------------
 def corpus_texts(paths: Sequence[str], fields: Sequence[str]) -> Iterator[str]:
     """Lines of .txt files, and the named string fields of .json (list of records) / .jsonl files."""
-    from model.errors import GalenInputError
+    from galen.model.errors import GalenInputError
 
     for p in map(Path, paths):
         if p.is_dir() or p.suffix == ".parquet":  # Galen shards: the text of the training split
-            from flows.ingest.schema import read_records
+            from galen.flows.ingest.schema import read_records
 
             for rec in read_records(p):
                 if rec.split == "train" and not rec.problem:
@@ -102,7 +103,7 @@ def corpus_texts(paths: Sequence[str], fields: Sequence[str]) -> Iterator[str]:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
 
     text = train_sentencepiece(corpus_texts(args.corpus, args.fields), args.out, vocab_size=args.vocab_size,
                                model_type=args.model_type, seed=args.seed)
@@ -113,7 +114,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
-    from model.tokenizer import GalenTokenizer
+    from galen.model.tokenizer import GalenTokenizer
 
     tok = GalenTokenizer.load(args.tokenizer)
     ids = tok.encode(args.text)
@@ -123,8 +124,8 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
 # -- checkpoint interop ----------------------------------------------------------------------------------
 def _reference_tokenizer(args: argparse.Namespace):
     """The GPT-2 BPE tokenizer that comes with a reference checkpoint (None with --no-tokenizer)."""
-    from model.errors import GalenCheckpointError
-    from model.tokenizer import GalenTokenizer, GPT2BPEText
+    from galen.model.errors import GalenCheckpointError
+    from galen.model.tokenizer import GalenTokenizer, GPT2BPEText
 
     if args.no_tokenizer:
         return None
@@ -150,8 +151,8 @@ def _reference_tokenizer(args: argparse.Namespace):
 def cmd_import_checkpoint(args: argparse.Namespace) -> None:
     import hashlib
 
-    from model.errors import GalenCheckpointError
-    from model.interop import import_reference
+    from galen.model.errors import GalenCheckpointError
+    from galen.model.interop import import_reference
 
     tok = _reference_tokenizer(args)
     imported = import_reference(args.path, args.layout, use_ema=args.ema)
@@ -170,10 +171,10 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from model.errors import GalenCheckpointError
-    from model.generalist import GalenModel
-    from model.interop import export_hf_ofa
-    from model.tokenizer import GalenTokenizer
+    from galen.model.errors import GalenCheckpointError
+    from galen.model.generalist import GalenModel
+    from galen.model.interop import export_hf_ofa
+    from galen.model.tokenizer import GalenTokenizer
 
     model = GalenModel.from_pretrained(args.model)
     try:
@@ -191,7 +192,7 @@ def _parse_options(pairs: Sequence[str]) -> dict:
     """`key=value` options of an adapter; values parsed as YAML scalars (true, 3, [a, b])."""
     import yaml
 
-    from model.errors import GalenInputError
+    from galen.model.errors import GalenInputError
 
     out = {}
     for pair in pairs or []:
@@ -203,9 +204,9 @@ def _parse_options(pairs: Sequence[str]) -> dict:
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
-    from flows.ingest import all_formats, ingest
-    from flows.params import load_params, section
-    from model.errors import GalenInputError
+    from galen.flows.ingest import all_formats, ingest
+    from galen.flows.params import load_params, section
+    from galen.model.errors import GalenInputError
 
     if args.list_formats:
         for f in all_formats():
@@ -231,7 +232,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from flows.ingest.download import PUBLIC_DATASETS, fetch
+    from galen.flows.ingest.download import PUBLIC_DATASETS, fetch
 
     if args.list or not args.name:
         for d in PUBLIC_DATASETS.values():
@@ -246,8 +247,8 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from flows.params import load_params, section
-    from flows.validate import ValidationConfig, validate
+    from galen.flows.params import load_params, section
+    from galen.flows.validate import ValidationConfig, validate
 
     cfg = ValidationConfig.from_params(section(load_params(args.params), "validate"))
     inputs = []
@@ -262,8 +263,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from flows.params import load_params, section
-    from flows.shards import ShardConfig, build_shards
+    from galen.flows.params import load_params, section
+    from galen.flows.shards import ShardConfig, build_shards
 
     cfg = ShardConfig.from_params(section(load_params(args.params), "shards"))
     if args.workers:
@@ -273,8 +274,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_image_codes_train(args: argparse.Namespace) -> None:
-    from flows.image_codes import train_image_codes
-    from flows.params import load_params, section
+    from galen.flows.image_codes import train_image_codes
+    from galen.flows.params import load_params, section
 
     p = section(load_params(args.params), "image_codes")
     report = train_image_codes(args.data, args.out, num_codes=p.get("num_codes", 8192),
@@ -285,15 +286,15 @@ def cmd_image_codes_train(args: argparse.Namespace) -> None:
 
 
 def cmd_image_codes_encode(args: argparse.Namespace) -> None:
-    from flows.image_codes import encode_image_codes
+    from galen.flows.image_codes import encode_image_codes
 
     summary = encode_image_codes(args.data, args.codes, args.out)
     print(f"wrote image codes to {args.out}: {summary}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from flows.params import load_params
-    from flows.train.trainer import load_train_config, train
+    from galen.flows.params import load_params
+    from galen.flows.train.trainer import load_train_config, train
 
     cfg = load_train_config(load_params(args.params), args.stage, steps=args.steps, num_workers=args.workers,
                             zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init,
@@ -304,14 +305,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from flows.submit import submit
+    from galen.flows.submit import submit
 
-    submit(args.command, address=args.address, project=args.project, cluster_dir=args.cluster_dir,
+    submit(args.command, build_parser(), address=args.address, project=args.project, cluster_dir=args.cluster_dir,
            excludes=args.exclude or (), env=args.env or (), job_id=args.job_id, wait=not args.no_wait)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from flows.demo_data import write_demo
+    from galen.flows.demo_data import write_demo
 
     counts = write_demo(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size)
     for name, c in counts.items():
@@ -323,12 +324,12 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 def cmd_learn_check(args: argparse.Namespace) -> None:
     import torch
 
-    from flows.ingest.schema import read_records
-    from flows.learn_check import learn_check, write_metrics
-    from model.config import get_config
-    from model.errors import GalenInputError
-    from model.generalist import GalenModel
-    from model.tokenizer import GalenTokenizer
+    from galen.flows.ingest.schema import read_records
+    from galen.flows.learn_check import learn_check, write_metrics
+    from galen.model.config import get_config
+    from galen.model.errors import GalenInputError
+    from galen.model.generalist import GalenModel
+    from galen.model.tokenizer import GalenTokenizer
 
     records = [r for r in read_records(args.data) if r.task == args.task and r.split == "train" and not r.problem]
     records = records[: args.limit]
@@ -353,11 +354,11 @@ def cmd_learn_check(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate
-    from model.generalist import GalenModel
-    from model.tasks import build_prompt
-    from model.tokenizer import GalenTokenizer
-    from model.vision import preprocess_images
+    from galen.model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate
+    from galen.model.generalist import GalenModel
+    from galen.model.tasks import build_prompt
+    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vision import preprocess_images
 
     model = GalenModel.from_pretrained(args.model)
     tok = GalenTokenizer.load(args.model)
@@ -377,8 +378,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 # -- evaluation and registry -----------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from flows.evaluate import evaluate
-    from model.predict import PredictConfig
+    from galen.flows.evaluate import evaluate
+    from galen.model.predict import PredictConfig
 
     config = PredictConfig(closed_set_mode=args.closed_set_mode, max_batch_size=args.batch_size)
     report = evaluate(args.model, args.shards, args.out, limit=args.limit, tasks=args.tasks, predict_config=config,
@@ -394,8 +395,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _registry_config(args: argparse.Namespace):
-    from flows.params import load_params
-    from flows.registry import RegistryConfig
+    from galen.flows.params import load_params
+    from galen.flows.registry import RegistryConfig
 
     params = load_params(args.params)
     cfg = RegistryConfig.from_params(params)
@@ -413,7 +414,7 @@ def _register_and_promote(args: argparse.Namespace, cfg: Any, params: dict, kind
     """register (+ promote with --promote), printing the decision and writing --report."""
     from dataclasses import asdict
 
-    from flows.registry import GENERALIST, aliases, promote, register
+    from galen.flows.registry import GENERALIST, aliases, promote, register
 
     reg = register(args.model, cfg, params, metrics_file=args.metrics, run_id=args.run_id, kind=kind or GENERALIST)
     print(f"registered {reg.name} version {reg.version} from run {reg.run_id} (model sha256 {reg.sha256[:12]})")
@@ -428,14 +429,14 @@ def _register_and_promote(args: argparse.Namespace, cfg: Any, params: dict, kind
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from flows.registry import promote
+    from galen.flows.registry import promote
 
     cfg, _ = _registry_config(args)
     print(promote(cfg, version=args.version, alias=args.alias).message)
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from flows.registry import rollback
+    from galen.flows.registry import rollback
 
     cfg, _ = _registry_config(args)
     print(rollback(cfg).message)
@@ -443,8 +444,8 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 # -- contrastive model -----------------------------------------------------------------------------
 def cmd_clip_train(args: argparse.Namespace) -> None:
-    from flows.params import load_params
-    from flows.train.contrastive import load_clip_train_config, train_clip
+    from galen.flows.params import load_params
+    from galen.flows.train.contrastive import load_clip_train_config, train_clip
 
     cfg = load_clip_train_config(load_params(args.params), steps=args.steps, num_workers=args.workers,
                                  zero_stage=args.zero_stage, config=args.config, init=args.init, out=args.out,
@@ -455,13 +456,13 @@ def cmd_clip_train(args: argparse.Namespace) -> None:
 
 
 def cmd_clip_evaluate(args: argparse.Namespace) -> None:
-    from flows.evaluate_contrastive import ZERO_SHOT_TEMPLATES, evaluate_clip
-    from flows.params import load_params
+    from galen.flows.evaluate_contrastive import ZERO_SHOT_TEMPLATES, evaluate_clip
+    from galen.flows.params import load_params
 
     section = (load_params(args.params).get("clip") or {}).get("evaluate") or {}
     report = evaluate_clip(args.model, args.shards, args.out, limit=args.limit, plots_dir=args.plots,
                            templates=section.get("templates", ZERO_SHOT_TEMPLATES), log_mlflow=not args.no_mlflow)
-    from flows.evaluate import flat_metrics
+    from galen.flows.evaluate import flat_metrics
 
     for name, m in report.items():
         if isinstance(m, dict):
@@ -471,8 +472,8 @@ def cmd_clip_evaluate(args: argparse.Namespace) -> None:
 
 
 def _clip_registry_config(args: argparse.Namespace):
-    from flows.params import load_params
-    from flows.registry import RegistryConfig
+    from galen.flows.params import load_params
+    from galen.flows.registry import RegistryConfig
 
     params = load_params(args.params)
     section = (params.get("clip") or {}).get("registry")
@@ -485,14 +486,14 @@ def _clip_registry_config(args: argparse.Namespace):
 
 
 def cmd_clip_register(args: argparse.Namespace) -> None:
-    from flows.registry import CONTRASTIVE
+    from galen.flows.registry import CONTRASTIVE
 
     cfg, params = _clip_registry_config(args)
     _register_and_promote(args, cfg, params.get("clip") or {}, CONTRASTIVE)
 
 
 def cmd_clip_import(args: argparse.Namespace) -> None:
-    from model.contrastive import ContrastiveModel
+    from galen.model.contrastive import ContrastiveModel
 
     model = ContrastiveModel.from_pretrained(args.source)
     model.save_pretrained(args.out)
@@ -501,21 +502,21 @@ def cmd_clip_import(args: argparse.Namespace) -> None:
 
 
 def cmd_clip_export(args: argparse.Namespace) -> None:
-    from model.contrastive import ContrastiveModel
+    from galen.model.contrastive import ContrastiveModel
 
     out = ContrastiveModel.from_pretrained(args.model).export(args.out)
     print(f"wrote {out} (open_clip: open_clip.create_model_from_pretrained('local-dir:{out}'))")
 
 
 def cmd_clip_index(args: argparse.Namespace) -> None:
-    from flows.evaluate_contrastive import build_index
+    from galen.flows.evaluate_contrastive import build_index
 
     index = build_index(args.model, args.shards, args.out, tasks=args.tasks, split=args.split, limit=args.limit)
     print(f"indexed {len(index.items)} image-caption items ({index.embed_dim}-d) -> {args.out}")
 
 
 def cmd_clip_embed(args: argparse.Namespace) -> None:
-    from model.contrastive import ContrastiveModel
+    from galen.model.contrastive import ContrastiveModel
 
     model = ContrastiveModel.from_pretrained(args.model)
     if args.labels:
@@ -533,7 +534,7 @@ def cmd_clip_embed(args: argparse.Namespace) -> None:
 
 # -- serving ---------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> None:
-    from serve.app import DEFAULT_CONFIG, run_local
+    from galen.serve.app import DEFAULT_CONFIG, run_local
 
     user_config = {k: v for k, v in (("model_name", args.model_name), ("alias", args.alias),
                                      ("poll_interval_s", args.poll_interval)) if v is not None}
@@ -546,8 +547,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 # -- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from model.config import SIZES
-    from model.tasks import TASKS
+    from galen.model.config import SIZES
+    from galen.model.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="galen", description="Galen: biomedical vision-language models from raw "
                                 "datasets to a live endpoint.")
@@ -772,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _clip_parsers(sub: Any) -> None:
-    from model.contrastive import config_names
+    from galen.model.contrastive import config_names
 
     clip = sub.add_parser("clip", help="the contrastive (BiomedCLIP-style) model: train, evaluate, register, import, "
                           "export, embed").add_subparsers(dest="clip_command", required=True, metavar="COMMAND")

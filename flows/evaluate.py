@@ -28,14 +28,15 @@ import math
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from flows.ingest.schema import Record, read_records
-from flows.shards import shard_paths
-from model.errors import GalenInputError
-from model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER, build_prompt, closed_answers, vqa_prompt
+from galen.flows.ingest.schema import Record, read_records
+from galen.flows.shards import shard_paths
+from galen.model.errors import GalenInputError
+from galen.model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER, build_prompt, closed_answers, vqa_prompt
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def load_candidates(shards_dir: str | Path) -> dict[str, dict[str, list[str]]]:
     path = Path(shards_dir) / "candidates.json"
     if not path.is_file():
         return {}
-    from model.errors import read_json
+    from galen.model.errors import read_json
 
     return read_json(path, dict, "re-run the shards stage (`dvc repro shards`)")
 
@@ -394,7 +395,7 @@ def log_to_mlflow(run_id: str | None, experiment: str, metrics: dict[str, Any], 
                   params: dict[str, Any], tags: dict[str, str], plot_paths: Sequence[Path], predictions_path: Path,
                   samples: int, uri: str | None = None) -> str:
     """Metrics, sample tables, plots and predictions into `run_id` (or a new run); returns the run id."""
-    from flows.tracking import TrainingRun
+    from galen.flows.tracking import TrainingRun
 
     if run_id:  # e.g. the training run: settings as tags, since params cannot change on a re-evaluation
         run = TrainingRun.attach(run_id, uri)
@@ -440,8 +441,8 @@ def evaluate(model_dir: str | Path, shards_dir: str | Path, out: str | Path, *, 
              plots_dir: str | Path | None = None, samples: int = 8, uri: str | None = None) -> dict[str, Any]:
     """Evaluate `model_dir` on the test split of every evaluable task in `shards_dir`; write the metrics
     JSON to `out` (with the MLflow run id when logged) and return it."""
-    from model.checkpoint import folder_digest
-    from model.predict import GalenPredictor, PredictConfig
+    from galen.model.checkpoint import folder_digest
+    from galen.model.predict import GalenPredictor, PredictConfig
 
     if limit is not None and limit < 1:
         raise GalenInputError(f"--limit must be >= 1, got {limit}")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from flows.evaluate import classification_metrics, eval_records, load_candidates, plot_confusion
-from model.errors import GalenInputError
+from galen.flows.evaluate import classification_metrics, eval_records, load_candidates, plot_confusion
+from galen.model.errors import GalenInputError
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ def linear_probe_metrics(model: Any, train: Sequence[Any], test: Sequence[Any], 
 
 
 def _split_records(shards: Path, task: str, split: str, limit: int | None) -> list[Any]:
-    from flows.ingest.schema import read_records
-    from flows.shards import shard_paths
+    from galen.flows.ingest.schema import read_records
+    from galen.flows.shards import shard_paths
 
     out = []
     for path in shard_paths(shards, task, split):
@@ -106,8 +107,8 @@ def evaluate_clip(model_dir: str | Path, shards_dir: str | Path, out: str | Path
     """Zero-shot, linear probe and retrieval metrics of `model_dir` on `shards_dir`; writes `out`."""
     from collections import defaultdict
 
-    from model.checkpoint import folder_digest
-    from model.contrastive import ContrastiveModel
+    from galen.model.checkpoint import folder_digest
+    from galen.model.contrastive import ContrastiveModel
 
     if limit is not None and limit < 1:
         raise GalenInputError(f"--limit must be >= 1, got {limit}")
@@ -177,8 +178,8 @@ def _plots(confusions, folder: Path) -> list[Path]:
 def _log(metrics, confusions, sha, model_dir, shards_dir, limit, templates, plots_dir, experiment) -> str:
     import tempfile
 
-    from flows.evaluate import flat_metrics
-    from flows.tracking import TrainingRun
+    from galen.flows.evaluate import flat_metrics
+    from galen.flows.tracking import TrainingRun
 
     params = {"model": str(model_dir), "shards": str(shards_dir), "limit": limit, "templates": json.dumps(list(templates))}
     run = TrainingRun.start_or_resume(experiment, "clip-evaluate", None, params,
@@ -200,7 +201,7 @@ def build_index(model_dir: str | Path, shards_dir: str | Path, out: str | Path, 
                 split: str = "test", limit: int | None = None) -> Any:
     """A retrieval index of a shard split (images + captions; classification rows are captioned with
     their class name) for `/v1/retrieve`, saved to `out`."""
-    from model.contrastive import ContrastiveModel, RetrievalIndex
+    from galen.model.contrastive import ContrastiveModel, RetrievalIndex
 
     records = [r for task in tasks for r in _split_records(Path(shards_dir), task, split, limit) if r.image]
     if not records:

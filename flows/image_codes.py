@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from flows.ingest.schema import image_sha1, read_records
-from model.errors import GalenConfigError, GalenInputError
-from model.image_codes import (
+from galen.flows.ingest.schema import image_sha1, read_records
+from galen.model.errors import GalenConfigError, GalenInputError
+from galen.model.image_codes import (
     PARQUET_META_KEY,
     PATCH_SIZE,
     KMeansPatchCodes,

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from flows.ingest.schema import Record
-from flows.train.examples import Batch, collate, make_example
-from model.decoding import GenerationConfig, generate
-from model.errors import GalenInputError
-from model.generalist import GalenModel
-from model.losses import label_smoothed_cross_entropy
-from model.tokenizer import GalenTokenizer
+from galen.flows.ingest.schema import Record
+from galen.flows.train.examples import Batch, collate, make_example
+from galen.model.decoding import GenerationConfig, generate
+from galen.model.errors import GalenInputError
+from galen.model.generalist import GalenModel
+from galen.model.losses import label_smoothed_cross_entropy
+from galen.model.tokenizer import GalenTokenizer
 
 
 @dataclass

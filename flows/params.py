@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 DEFAULT_PARAMS = "params.yaml"
 

@@ -34,12 +34,12 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the contrastive model folder once per process; `predict` answers a batch of requests."""
 
     def load_context(self, context: Any) -> None:
-        from model.contrastive import ContrastiveModel
+        from galen.model.contrastive import ContrastiveModel
 
         self.model = ContrastiveModel.from_pretrained(context.artifacts["model"])
 
     def predict(self, model_input: list[ClipRequest], params: Optional[dict[str, Any]] = None) -> list[ClipResponse]:
-        from model.errors import GalenInputError
+        from galen.model.errors import GalenInputError
 
         out = []
         for r in model_input:

@@ -43,7 +43,7 @@ class GalenPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the Galen model folder once per process; `predict` answers a batch of requests."""
 
     def load_context(self, context: Any) -> None:
-        from model.predict import GalenPredictor, PredictConfig
+        from galen.model.predict import GalenPredictor, PredictConfig
 
         config = PredictConfig.from_dict((context.model_config or {}).get("predict"))
         self.predictor = GalenPredictor.load(context.artifacts["model"], config)

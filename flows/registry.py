@@ -29,16 +29,19 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
-from flows.tracking import MAX_TAG_VALUE_LENGTH, TrainingRun, flatten, lineage, sanitize_key, tracking_uri
-from model.errors import GalenCheckpointError, GalenInputError
+from galen.flows.paths import tracking_uri
+from galen.flows.tracking import MAX_TAG_VALUE_LENGTH, TrainingRun, flatten, lineage, sanitize_key
+from galen.model.errors import GalenCheckpointError, GalenInputError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ LOCK_SUFFIX = ".lock"
 OWNER_TAG, INTENT_TAG, ABANDONED_TAG = "galen.lock.owner", "galen.lock.intent", "galen.lock.abandoned"
 SHA_TAG = "galen.model_sha256"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-MODEL_PACKAGE = Path(__file__).resolve().parent.parent / "model"
+MODEL_PACKAGE = Path(__file__).resolve().parent.parent / "model"  # bundled with the pyfunc as galen/model
 ARTIFACT_KEY = "model"
 MAX_VERSION_TAG_LENGTH = 5000  # MLflow's limit for model version tag values
 # what the pyfunc needs at load time (pinned to the versions it was logged with)
@@ -78,7 +81,7 @@ class RegistryConfig:
     lock_stale_s: float = 900.0        # a lock older than this belongs to a dead process: completed and broken
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "RegistryConfig":
+    def from_params(cls, params: Mapping[str, Any]) -> RegistryConfig:
         section = params.get("registry")
         if not isinstance(section, Mapping):
             raise GalenInputError("params.yaml has no `registry:` section; add model_name and the metrics to "
@@ -249,8 +252,8 @@ def input_example() -> list[dict[str, Any]]:
 
 
 def _read_metrics_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
-    from flows.evaluate import flat_metrics
-    from model.errors import read_json
+    from galen.flows.evaluate import flat_metrics
+    from galen.model.errors import read_json
 
     p = Path(path)
     if not p.is_file():
@@ -284,7 +287,7 @@ class ModelKind:
 
 
 def _generalist_load(folder: Path) -> Any:
-    from model.predict import GalenPredictor
+    from galen.model.predict import GalenPredictor
 
     return GalenPredictor.load(folder)
 
@@ -292,7 +295,7 @@ def _generalist_load(folder: Path) -> Any:
 def _generalist_config(eval_tags: Mapping[str, str]) -> dict[str, Any]:
     """The decoding settings the version was evaluated with and the label sets it was evaluated on
     (serving's defaults for requests that name none)."""
-    from model.predict import PredictConfig
+    from galen.model.predict import PredictConfig
 
     predict_config = eval_tags.get("galen.predict_config")
     config: dict[str, Any] = {"predict": json.loads(predict_config) if predict_config else PredictConfig().to_dict()}
@@ -307,7 +310,7 @@ GENERALIST = ModelKind(_generalist_load, PYFUNC_FILE, input_example, _generalist
 
 
 def _contrastive_load(folder: Path) -> Any:
-    from model.contrastive import ContrastiveModel
+    from galen.model.contrastive import ContrastiveModel
 
     return ContrastiveModel.from_pretrained(folder)
 
@@ -329,7 +332,7 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
     `config.model_name` (no alias changes: that is `promote`)."""
     import mlflow
 
-    from model.checkpoint import folder_digest
+    from galen.model.checkpoint import folder_digest
 
     folder = Path(model_dir)
     kind.load(folder)  # a missing or corrupt weights/config/tokenizer file fails here, before MLflow
@@ -372,10 +375,11 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
         run_id, metrics, eval_tags = new.run_id, file_metrics, {}
 
     model_config = kind.model_config(eval_tags)
-    with _mlflow_uri(uri), mlflow.start_run(run_id=run_id):
+    with _mlflow_uri(uri), mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as code:
         info = mlflow.pyfunc.log_model(name="model", python_model=str(kind.pyfunc_file),
                                        artifacts={ARTIFACT_KEY: str(folder.resolve())},
-                                       code_paths=[str(MODEL_PACKAGE)], input_example=kind.input_example(),
+                                       code_paths=[str(bundled_model_package(Path(code)))],
+                                       input_example=kind.input_example(),
                                        pip_requirements=requirements(kind.requirements), model_config=model_config)
     tags = _version_tags(params, metrics, sha, run_id, project)
     with _mlflow_uri(uri):
@@ -384,6 +388,15 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
         raise GalenCheckpointError(f"version {mv.version} of {config.model_name!r} did not become ready "
                                    f"(status {mv.status}: {mv.status_message})")
     return Registered(config.model_name, str(mv.version), run_id, info.model_uri, sha)
+
+
+def bundled_model_package(into: Path) -> Path:
+    """`galen/` holding a copy of the model library as `galen.model`: the pyfunc's bundled code, so a
+    registered version loads with `import galen.model...` where Galen itself is not installed."""
+    package = into / "galen"
+    shutil.copytree(MODEL_PACKAGE, package / "model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (package / "__init__.py").write_text('"""Galen\'s model library, bundled with a registered MLflow model."""\n')
+    return package
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +409,7 @@ def verify_artifact(client, mv, uri: str) -> None:
     import mlflow
     from mlflow.models import Model
 
-    from model.checkpoint import folder_digest
+    from galen.model.checkpoint import folder_digest
 
     what = f"version {mv.version} of {mv.name!r}"
     expected = (mv.tags or {}).get(SHA_TAG)
@@ -446,7 +459,7 @@ class AliasLock:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = self.pending = False
 
-    def __enter__(self) -> "AliasLock":
+    def __enter__(self) -> AliasLock:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:

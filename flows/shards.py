@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from flows.ingest.schema import ARROW_SCHEMA, from_row, image_sha1, to_row
-from model.errors import GalenInputError
-from model.tasks import NLI_ANSWERS
+from galen.flows.ingest.schema import ARROW_SCHEMA, from_row, image_sha1, to_row
+from galen.model.errors import GalenInputError
+from galen.model.tasks import NLI_ANSWERS
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ShardConfig:
     mixture: dict[str, float] = field(default_factory=dict)  # task -> sampling weight in training
 
     @classmethod
-    def from_params(cls, params: dict) -> "ShardConfig":
+    def from_params(cls, params: dict) -> ShardConfig:
         unknown = sorted(set(params) - set(cls.__dataclass_fields__))
         if unknown:
             raise GalenInputError(f"unknown shards params {unknown}; known: {sorted(cls.__dataclass_fields__)}")

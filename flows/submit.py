@@ -6,7 +6,7 @@ the Ray Jobs API.
 The command is checked with Galen's own parser before anything is sent. By default the project
 folder is uploaded as the job's `working_dir` (what .gitignore lists, data and run outputs are
 left out: the nodes hold the data themselves, e.g. `dvc pull` in infra/), and the job runs
-`python -m flows.cli ...` in it on the head node; the Jobs API sets RAY_ADDRESS for that driver, so
+`python -m galen.flows.cli ...` in it on the head node; the Jobs API sets RAY_ADDRESS for that driver, so
 `galen train` joins the cluster instead of starting a local Ray. With `--cluster-dir` nothing is
 uploaded and the command runs in that folder of the nodes (e.g. /app in the Galen image).
 `submit` waits for the job, streaming its logs, and its exit status is the job's (0 SUCCEEDED).
@@ -14,16 +14,18 @@ uploaded and the command runs in that folder of the nodes (e.g. /app in the Gale
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
-from model.errors import GalenError, GalenInputError
+from galen.model.errors import GalenError, GalenInputError
 
 # Left out of the upload besides .gitignore (Ray honours it): data and run outputs, environments,
 # credentials. Patterns are .gitignore-style, relative to the project folder.
@@ -37,6 +39,10 @@ DEFAULT_EXCLUDES = (
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "AWS_DEFAULT_REGION")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# An uploaded project runs as `galen.*` from the upload, not from whatever Galen the nodes have
+# installed: this folder of the upload holds a `galen` package whose path is the project folder, and
+# it leads PYTHONPATH of the job's driver and workers (both start in the working_dir).
+JOB_IMPORT_DIR = "infra/job"
 
 
 class JobFailed(GalenError):
@@ -51,11 +57,9 @@ class Submitted:
     driver_exit_code: int | None = None
 
 
-def galen_command(argv: Sequence[str]) -> list[str]:
-    """The Galen command line the job will run, checked with Galen's own parser (a typo fails here,
-    not minutes later on the cluster)."""
-    from flows.cli import build_parser
-
+def galen_command(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """The Galen command line the job will run, checked with Galen's own parser (the CLI hands it
+    over; a typo fails here, not minutes later on the cluster)."""
     argv = list(argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -67,7 +71,7 @@ def galen_command(argv: Sequence[str]) -> list[str]:
     if argv[0] == "submit":
         raise GalenInputError("`galen submit` cannot submit itself; give the command the job should run")
     try:
-        build_parser().parse_args(argv)
+        parser.parse_args(argv)
     except SystemExit as e:  # argparse printed the usage error already
         raise GalenInputError(f"not a valid Galen command: galen {shlex.join(argv)}") from e
     return argv
@@ -89,7 +93,7 @@ def job_environment(env: Sequence[str] = ()) -> dict[str, str]:
     return out
 
 
-def submit(argv: Sequence[str], *, address: str | None = None, project: str | Path = ".",
+def submit(argv: Sequence[str], parser: argparse.ArgumentParser, *, address: str | None = None, project: str | Path = ".",
            cluster_dir: str | None = None, excludes: Sequence[str] = (), env: Sequence[str] = (),
            job_id: str | None = None, wait: bool = True, poll_s: float = 1.0,
            out: TextIO | None = None) -> Submitted:
@@ -98,17 +102,18 @@ def submit(argv: Sequence[str], *, address: str | None = None, project: str | Pa
     from ray.job_submission import JobSubmissionClient
 
     out = out or sys.stdout
-    command = galen_command(argv)
+    command = galen_command(argv, parser)
     runtime_env: dict = {"env_vars": job_environment(env)}
     if cluster_dir:
-        entrypoint = f"{_cd(cluster_dir)} && python -m flows.cli {shlex.join(command)}"
+        entrypoint = f"{_cd(cluster_dir)} && python -m galen.flows.cli {shlex.join(command)}"
     else:
         root = Path(project).resolve()
         if not (root / "flows" / "cli.py").is_file():
             raise GalenInputError(f"{root} is not the Galen project folder (no flows/cli.py); run from it, pass "
                                   "--project, or use --cluster-dir for a copy already on the nodes")
         runtime_env |= {"working_dir": str(root), "excludes": [*DEFAULT_EXCLUDES, *excludes]}
-        entrypoint = f"python -m flows.cli {shlex.join(command)}"
+        runtime_env["env_vars"]["PYTHONPATH"] = JOB_IMPORT_DIR
+        entrypoint = f"PYTHONPATH={JOB_IMPORT_DIR} python -m galen.flows.cli {shlex.join(command)}"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         raise GalenInputError("no Ray cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")

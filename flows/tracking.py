@@ -26,11 +26,11 @@ from typing import Any
 
 import yaml
 
-from model.errors import GalenInputError
+from galen.flows.paths import artifact_location, project_root, tracking_uri
+from galen.model.errors import GalenInputError
 
 log = logging.getLogger(__name__)
 
-PROJECT_MARKERS = ("params.yaml", "dvc.yaml")
 RUN_ID_FILENAME = "mlflow_run_id"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
@@ -46,39 +46,6 @@ _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 # --------------------------------------------------------------------------------------------------
 # Where: project root and tracking store
 # --------------------------------------------------------------------------------------------------
-
-def project_root(start: str | Path | None = None) -> Path:
-    """The folder holding params.yaml / dvc.yaml, walking up from `start` (default: cwd), so runs
-    land in the same store whichever subfolder a job was launched from."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if any((folder / m).is_file() for m in PROJECT_MARKERS):
-            return folder
-    raise GalenInputError(f"no {' or '.join(PROJECT_MARKERS)} in {here} or any parent; run from the Galen "
-                          "project or set MLFLOW_TRACKING_URI")
-
-
-def tracking_uri(project: str | Path | None = None) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else `sqlite:///<project>/mlflow.db` (MLflow 3's model
-    registry needs a database store; sqlite needs no server)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    root = Path(project).resolve() if project is not None else project_root()
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where new experiments keep artifacts: `mlartifacts/` next to a sqlite database (MLflow
-    would otherwise use ./mlruns of whatever the cwd is); None for servers and other databases,
-    which decide themselves (a server with --artifacts-destination proxies them)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = uri[len("sqlite:///"):]
-    if not db or db == ":memory:":
-        return None
-    return (Path(db).resolve().parent / "mlartifacts").as_uri()
-
 
 # --------------------------------------------------------------------------------------------------
 # What: code and data lineage

@@ -16,17 +16,17 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from flows.ingest.schema import ARROW_SCHEMA, Record, ShardWriter, image_sha1, read_records, to_row
-from model.errors import GalenInputError
-from model.tasks import NLI_ANSWERS
+from galen.flows.ingest.schema import ARROW_SCHEMA, Record, ShardWriter, image_sha1, read_records, to_row
+from galen.model.errors import GalenInputError
+from galen.model.tasks import NLI_ANSWERS
 
 IMAGE_TASKS = {"vqa", "caption", "classification", "grounding", "detection"}
 BOX_TASKS = {"grounding", "detection"}  # [x0, y0, x1, y1] pixel boxes of the record's image are the answer
@@ -46,7 +46,7 @@ class ValidationConfig:
     max_bad_fraction: float = 0.05
 
     @classmethod
-    def from_params(cls, params: dict) -> "ValidationConfig":
+    def from_params(cls, params: dict) -> ValidationConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(params) - known)
         if unknown:

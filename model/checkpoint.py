@@ -6,15 +6,16 @@ The reference layouts (fairseq BiomedGPT/OFA, the transformers OFA port) live in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import GalenConfig
-from model.errors import GalenCheckpointError
+from galen.model.config import GalenConfig
+from galen.model.errors import GalenCheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,7 +60,7 @@ def load_config(directory: str | Path) -> GalenConfig:
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Build the model from `config.json` and load `model.safetensors` strictly."""
-    from model.generalist import GalenModel
+    from galen.model.generalist import GalenModel
 
     d = Path(directory)
     cfg = load_config(d)

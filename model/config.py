@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import GalenConfigError, read_json
+from galen.model.errors import GalenConfigError, read_json
 
 # Reference vocabulary: 4 specials + 50,260 GPT-2 BPE pieces + <mask> + 8192 codes + 1000 bins.
 REFERENCE_VOCAB_SIZE = 59457
@@ -113,7 +113,7 @@ class GalenConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GalenConfig":
+    def from_dict(cls, data: dict[str, Any]) -> GalenConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -126,7 +126,7 @@ class GalenConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "GalenConfig":
+    def load(cls, path: str | Path) -> GalenConfig:
         return cls.from_dict(read_json(path, dict, "restore it from where the model was saved", GalenConfigError))
 
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
+from galen.model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -254,7 +255,7 @@ class ContrastiveModel:
 
     # ------------------------------------------------------------------ building and files
     @classmethod
-    def create(cls, name: str, tokenizer: Any = None, seed: int | None = None) -> "ContrastiveModel":
+    def create(cls, name: str, tokenizer: Any = None, seed: int | None = None) -> ContrastiveModel:
         """A fresh, randomly initialised model of a named config (for `biomedclip` there is no
         tokenizer to make here: import a release folder instead)."""
         spec = get_spec(name, tokenizer)
@@ -301,7 +302,7 @@ class ContrastiveModel:
         return out
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "ContrastiveModel":
+    def from_pretrained(cls, folder: str | Path) -> ContrastiveModel:
         """Load a Galen-saved or an official open_clip/BiomedCLIP folder, offline."""
         folder = Path(folder)
         spec = read_spec(folder)
@@ -312,7 +313,7 @@ class ContrastiveModel:
         clip = build_clip(spec)
         load_weights(clip, weights)
         if spec.tokenizer == "galen":
-            from model.tokenizer import GalenTokenizer
+            from galen.model.tokenizer import GalenTokenizer
 
             text_encoder: Any = GalenTextEncoder(GalenTokenizer.load(folder), spec.context_length)
         else:
@@ -322,7 +323,7 @@ class ContrastiveModel:
     # ------------------------------------------------------------------ inference
     def image_tensor(self, images: Sequence[Any]) -> torch.Tensor:
         """Decode (PIL, arrays, PNG/JPEG/DICOM bytes) and preprocess a batch of images."""
-        from model.vision import load_image
+        from galen.model.vision import load_image
 
         if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or not images:
             raise GalenInputError("images must be a non-empty list")
@@ -384,7 +385,7 @@ def _text_vocab_size(clip: torch.nn.Module) -> int | None:
 
 def read_spec(folder: Path) -> ClipSpec:
     """The spec of a model folder (Galen-written or an official open_clip release)."""
-    from model.errors import read_json
+    from galen.model.errors import read_json
 
     if not folder.is_dir():
         raise GalenCheckpointError(f"model folder {folder} does not exist")
@@ -479,7 +480,7 @@ class RetrievalIndex:
 
     @classmethod
     def build(cls, model: ContrastiveModel, images: Sequence[Any], captions: Sequence[str],
-              items: Sequence[Mapping[str, Any]]) -> "RetrievalIndex":
+              items: Sequence[Mapping[str, Any]]) -> RetrievalIndex:
         if not (len(images) == len(captions) == len(items)) or not images:
             raise GalenInputError("an index needs the same non-zero number of images, captions and items")
         return cls(model.encode_images(images), model.encode_texts(captions),
@@ -501,7 +502,7 @@ class RetrievalIndex:
         return out
 
     @classmethod
-    def load(cls, folder: str | Path) -> "RetrievalIndex":
+    def load(cls, folder: str | Path) -> RetrievalIndex:
         import numpy as np
 
         folder = Path(folder)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from model.errors import GalenInputError
-from model.generalist import DecoderCache, EncoderOutput, GalenModel
+from galen.model.errors import GalenInputError
+from galen.model.generalist import DecoderCache, EncoderOutput, GalenModel
 
 NEG_INF = float("-inf")
 
@@ -59,7 +59,7 @@ class CandidateTrie:
                 node = node.setdefault(tok, {})
 
     @classmethod
-    def from_texts(cls, tokenizer, texts: Sequence[str]) -> "CandidateTrie":
+    def from_texts(cls, tokenizer, texts: Sequence[str]) -> CandidateTrie:
         return cls([tokenizer.encode_target(t) for t in texts], tokenizer.eos_id)
 
     def node(self, prefix: Sequence[int]) -> dict[int, dict] | None:
@@ -178,7 +178,7 @@ class _DecoderState:
             self.code_masks = self.code_masks.index_select(0, static_index)
 
 
-Constraint = Union[CandidateTrie, TokenLattice]
+Constraint = CandidateTrie | TokenLattice
 
 
 def _project(model: GalenModel, hidden: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:

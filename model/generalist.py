@@ -24,11 +24,16 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from model.config import GalenConfig, get_config
-from model.errors import GalenInputError
-from model.positions import (AbsolutePositionBias, RelativeBuckets, image_position_ids, num_image_distances,
-                             relative_bias)
-from model.vision import BACKBONE_CHANNELS, ResNetStages, check_images
+from galen.model.config import GalenConfig, get_config
+from galen.model.errors import GalenInputError
+from galen.model.positions import (
+    AbsolutePositionBias,
+    RelativeBuckets,
+    image_position_ids,
+    num_image_distances,
+    relative_bias,
+)
+from galen.model.vision import BACKBONE_CHANNELS, ResNetStages, check_images
 
 
 def linear_drop_path(rate: float, layers: int) -> list[float]:
@@ -124,7 +129,7 @@ class EncoderOutput:
     positions: torch.Tensor       # (1, S, d) layer-normed absolute position embeddings (cross-attn keys)
     num_image_tokens: int
 
-    def index_select(self, index: torch.Tensor) -> "EncoderOutput":
+    def index_select(self, index: torch.Tensor) -> EncoderOutput:
         """Rows of the batch (e.g. expanded per beam or per candidate answer)."""
         return EncoderOutput(self.hidden.index_select(0, index), self.padding_mask.index_select(0, index),
                              self.positions, self.num_image_tokens)
@@ -421,7 +426,7 @@ class GalenModel(nn.Module):
                     module.weight[module.padding_idx].zero_()
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> "GalenModel":
+    def from_size(cls, size: str, **overrides) -> GalenModel:
         return cls(get_config(size, **overrides))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -506,10 +511,10 @@ class GalenModel(nn.Module):
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
-        from model.checkpoint import save_pretrained
+        from galen.model.checkpoint import save_pretrained
         return save_pretrained(self, directory, tokenizer, dtype)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "GalenModel":
-        from model.checkpoint import load_model
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GalenModel:
+        from galen.model.checkpoint import load_model
         return load_model(directory, map_location)

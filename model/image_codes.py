@@ -26,16 +26,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from model.errors import GalenConfigError, GalenInputError, read_json
+from galen.model.errors import GalenConfigError, GalenInputError, read_json
 
 if TYPE_CHECKING:
-    from model.tokenizer import GalenTokenizer
+    from galen.model.tokenizer import GalenTokenizer
 
 IMAGE_CODES_JSON = "image_codes.json"
 CODEBOOK_FILE = "codebook.safetensors"
@@ -48,11 +48,11 @@ DEFAULT_NUM_CODES = 8192
 PARQUET_META_KEY = b"galen.image_codes"
 
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
-_TRAIN_HINT = "train one with flows.image_codes.train_image_codes() or copy the folder from the run that made it"
+_TRAIN_HINT = "train one with galen.flows.image_codes.train_image_codes() or copy the folder from the run that made it"
 # rows of a distance matrix computed at once: bounds memory at about 64 MB of float32
 _DIST_ELEMENTS = 1 << 24
 
-ImageInput = Union[torch.Tensor, np.ndarray, Image.Image, Sequence[Union[np.ndarray, Image.Image]]]
+ImageInput = torch.Tensor | np.ndarray | Image.Image | Sequence[np.ndarray | Image.Image]
 
 
 # ----------------------------------------------------------------------------- pixels

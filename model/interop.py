@@ -20,16 +20,17 @@ import json
 import pickle
 import re
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
-from model.checkpoint import load_state_strict
-from model.config import REFERENCE_PARAMS, SIZES, GalenConfig
-from model.errors import GalenCheckpointError
-from model.positions import code_position_ids, image_relative_buckets, token_relative_buckets
+from galen.model.checkpoint import load_state_strict
+from galen.model.config import REFERENCE_PARAMS, SIZES, GalenConfig
+from galen.model.errors import GalenCheckpointError
+from galen.model.positions import code_position_ids, image_relative_buckets, token_relative_buckets
 
 # Keys that only an OFA/BiomedGPT generalist has: used to tell "another architecture" apart.
 SIGNATURE_KEYS = ("encoder.embed_images.conv1.weight", "encoder.image_proj.weight", "encoder.embed_tokens.weight",
@@ -279,7 +280,7 @@ def reference_key_name(layout: str, hf_keys: Mapping[str, str]) -> Callable[[str
 
 def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> ImportedCheckpoint:
     """Build a Galen model from a fairseq `.pt` file or a transformers-OFA folder, loading strictly."""
-    from model.generalist import GalenModel
+    from galen.model.generalist import GalenModel
 
     path = Path(path)
     if layout == "fairseq":
@@ -336,7 +337,7 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
 # -- export ----------------------------------------------------------------------------------------------------
 def hf_config(cfg: GalenConfig) -> dict[str, Any]:
     """transformers-OFA `config.json` for a Galen config."""
-    from model.config import BACKBONE_NAMES
+    from galen.model.config import BACKBONE_NAMES
 
     if cfg.resnet_depths not in BACKBONE_NAMES:
         raise GalenCheckpointError(f"ResNet stage depths {cfg.resnet_depths} are not one of the OFA backbones "

@@ -22,20 +22,21 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from model.decoding import CandidateTrie, GenerationConfig, TokenLattice, closed_set_answers, generate
-from model.errors import GalenError, GalenInputError
-from model.generalist import GalenModel
-from model.tasks import NLI_ANSWERS, build_prompt, closed_answers, vqa_prompt
-from model.tokenizer import GalenTokenizer
-from model.vision import MAX_IMAGE_PIXELS, load_image, preprocess_images
+from galen.model.decoding import CandidateTrie, GenerationConfig, TokenLattice, closed_set_answers, generate
+from galen.model.errors import GalenError, GalenInputError
+from galen.model.generalist import GalenModel
+from galen.model.tasks import NLI_ANSWERS, build_prompt, closed_answers, vqa_prompt
+from galen.model.tokenizer import GalenTokenizer
+from galen.model.vision import MAX_IMAGE_PIXELS, load_image, preprocess_images
 
 BOX_BINS = 4
 _TRIE_CACHE_SIZE = 64
@@ -91,7 +92,7 @@ class PredictConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "PredictConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PredictConfig:
         """Inverse of `to_dict`; unknown keys are refused so a typo never silently keeps a default."""
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -202,7 +203,7 @@ class GalenPredictor:
 
     @classmethod
     def load(cls, folder: str | Path, config: PredictConfig | None = None,
-             device: str | torch.device = "cpu") -> "GalenPredictor":
+             device: str | torch.device = "cpu") -> GalenPredictor:
         """Model and tokenizer from one folder written by `save_pretrained(folder, tokenizer)`."""
         model = GalenModel.from_pretrained(folder, map_location=device)
         tokenizer = GalenTokenizer.load(folder)

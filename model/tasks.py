@@ -7,9 +7,9 @@ BPE of imported checkpoints; SentencePiece treats it as the word boundary it is)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 PROMPTS: dict[str, str] = {
     "caption": " what does the image describe?",

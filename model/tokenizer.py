@@ -37,7 +37,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from model.errors import GalenTokenizerError, read_json
+from galen.model.errors import GalenTokenizerError, read_json
 
 BOS_ID = 0
 PAD_ID = 1

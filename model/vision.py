@@ -7,7 +7,7 @@ each cell of the resulting grid as one token. The module keeps torchvision/timm 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from PIL import Image
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 BACKBONE_CHANNELS = 1024  # output channels of ResNet stage 3 (bottleneck width 256 x 4)
 OFA_MEAN = (0.5, 0.5, 0.5)
@@ -40,7 +40,7 @@ class ResNetStages(nn.Module):
                     m.weight.requires_grad_(False)
                     m.bias.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "ResNetStages":
+    def train(self, mode: bool = True) -> ResNetStages:
         super().train(mode)
         if self.freeze_batchnorm:  # ... and the running statistics are never updated
             for m in self.modules():
@@ -57,7 +57,7 @@ def check_images(images: torch.Tensor, patch_size: int, max_side: int) -> None:
     """Reject image batches the backbone cannot take, before any tensor math, saying how to fix them."""
     if not isinstance(images, torch.Tensor):
         raise GalenInputError(f"images must be a torch.Tensor of shape (batch, 3, H, W), got {type(images).__name__}; "
-                              "use model.vision.preprocess_images() to turn PIL images or arrays into one")
+                              "use galen.model.vision.preprocess_images() to turn PIL images or arrays into one")
     if images.dim() != 4 or images.shape[1] != 3:
         raise GalenInputError(f"images must have shape (batch, 3, H, W), got {tuple(images.shape)}; "
                               "convert grayscale/RGBA to RGB (preprocess_images does) and add a batch dimension")

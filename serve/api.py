@@ -19,8 +19,9 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import GalenInputError
-from serve.settings import ServeSettings
+from galen.model.errors import GalenInputError
+from galen.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve.galen")
 
@@ -338,7 +339,7 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
     decoder then says what is wrong)."""
     from PIL import Image
 
-    from model.vision import is_dicom
+    from galen.model.vision import is_dicom
 
     try:
         if is_dicom(data):

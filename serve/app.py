@@ -19,7 +19,7 @@ loaded beside the old one in a background thread, warmed up, then swapped in wit
 assignment. A batch takes the model it starts with, so requests in flight finish on the old
 version, and every answer names the version that produced it.
 
-Entry points: `build_app(args)` (the Serve config's import path `serve.app:build_app`, for `serve
+Entry points: `build_app(args)` (the Serve config's import path `galen.serve.app:build_app`, for `serve
 run serve/config.yaml`, `serve deploy`, the KubeRay RayService), and `run_local` (`galen serve`).
 """
 
@@ -32,21 +32,22 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from model.errors import GalenInputError
-from serve import api as http
-from serve import chat
-from serve.settings import ServeSettings
-from serve.store import LoadedModel, ModelUnavailable, load, resolve, resolve_tracking_uri
+from galen.model.errors import GalenInputError
+from galen.serve import api as http
+from galen.serve import chat
+from galen.serve.settings import ServeSettings
+from galen.serve.store import LoadedModel, ModelUnavailable, load, resolve, resolve_tracking_uri
 
 log = logging.getLogger("ray.serve.galen")  # under ray.serve: into the replica logs
 
@@ -387,7 +388,7 @@ class GalenGeneralist:
 def settings_from_args(args: Mapping[str, Any] | None) -> ServeSettings:
     """Settings of the Serve config's application `args`: `params` (default: the project's
     params.yaml, if there is one) gives the `serve:` section; the other keys override it."""
-    from flows.tracking import project_root
+    from galen.flows.paths import project_root
 
     args = dict(args or {})
     params = args.pop("params", None)
@@ -412,8 +413,8 @@ def settings_from_args(args: Mapping[str, Any] | None) -> ServeSettings:
 
 
 def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
-    """The application of the Serve config's import path `serve.app:build_app`."""
-    from serve import contrastive
+    """The application of the Serve config's import path `galen.serve.app:build_app`."""
+    from galen.serve import contrastive
 
     settings = settings_from_args(args)
     return GalenGeneralist.bind(settings.to_dict(), contrastive.bind(settings))
@@ -427,8 +428,8 @@ def load_serve_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, Any]:
         raise GalenInputError(f"Serve config {p} not found")
     cfg = yaml.safe_load(p.read_text()) or {}
     apps = cfg.get("applications") or []
-    if len(apps) != 1 or apps[0].get("import_path") != "serve.app:build_app":
-        raise GalenInputError(f"{p} must hold one application with import_path serve.app:build_app")
+    if len(apps) != 1 or apps[0].get("import_path") != "galen.serve.app:build_app":
+        raise GalenInputError(f"{p} must hold one application with import_path galen.serve.app:build_app")
     return cfg
 
 
@@ -442,7 +443,7 @@ def app_from_config(cfg: Mapping[str, Any], user_config: Mapping[str, Any] | Non
     options["user_config"] = {**(options.get("user_config") or {}), **(user_config or {})}
     settings = settings_from_args({**(app_cfg.get("args") or {}), **(args or {})})
     settings.replace(options["user_config"])  # refuse unknown user_config keys here, not on a replica
-    from serve import contrastive
+    from galen.serve import contrastive
 
     contrastive.check_index_compatible(settings)
     clip_options = [{k: v for k, v in d.items() if k != "name"} for d in app_cfg.get("deployments") or []

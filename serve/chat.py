@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.api import TASKS, ApiError
+from galen.serve.api import TASKS, ApiError
 
 
 class TextPart(BaseModel):

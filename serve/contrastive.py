@@ -21,14 +21,15 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any
 
 from ray import serve
 
-from model.errors import GalenCheckpointError, GalenError, GalenInputError
-from serve.settings import ServeSettings
-from serve.store import ModelRef, download, resolve, resolve_tracking_uri
+from galen.model.errors import GalenCheckpointError, GalenError, GalenInputError
+from galen.serve.settings import ServeSettings
+from galen.serve.store import ModelRef, download, resolve, resolve_tracking_uri
 
 log = logging.getLogger("ray.serve.galen")
 
@@ -71,7 +72,7 @@ class GalenContrastive:
         return self.settings.replace({"model_name": self.settings.clip_model_name, "alias": self.settings.clip_alias})
 
     def _refresh(self) -> bool:
-        from model.contrastive import ContrastiveModel, RetrievalIndex
+        from galen.model.contrastive import ContrastiveModel, RetrievalIndex
 
         with self._lock:
             settings = self._clip_settings()
@@ -190,7 +191,7 @@ class GalenContrastive:
         return self._named(cur, await self._call(run()))
 
     async def zero_shot(self, job: dict[str, Any]) -> dict[str, Any]:
-        from model.contrastive import DEFAULT_TEMPLATES
+        from galen.model.contrastive import DEFAULT_TEMPLATES
 
         cur = self._loaded()
         if isinstance(cur, dict):
@@ -216,7 +217,7 @@ class GalenContrastive:
     async def retrieve(self, job: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from model.contrastive import rank
+        from galen.model.contrastive import rank
 
         cur = self._loaded()
         if isinstance(cur, dict):
@@ -275,7 +276,7 @@ def bind(settings: ServeSettings, options: Mapping[str, Any] | None = None) -> A
 def check_index_compatible(settings: ServeSettings) -> None:
     """A configured index must be readable before deploying (a bad path fails `galen serve` at once)."""
     if settings.clip_index:
-        from model.contrastive import RetrievalIndex
+        from galen.model.contrastive import RetrievalIndex
 
         try:
             RetrievalIndex.load(settings.clip_index)

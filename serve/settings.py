@@ -9,11 +9,12 @@ Every limit here answers a 4xx JSON error saying which limit was hit.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 MiB = 2 ** 20
 
@@ -67,7 +68,7 @@ class ServeSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, overrides: Mapping[str, Any] | None) -> "ServeSettings":
+    def replace(self, overrides: Mapping[str, Any] | None) -> ServeSettings:
         """These settings with `overrides` laid over them; unknown keys are refused (a typo never
         silently keeps a default)."""
         overrides = dict(overrides or {})
@@ -78,11 +79,11 @@ class ServeSettings:
         return dataclasses.replace(self, **overrides)
 
     @classmethod
-    def from_params(cls, path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> "ServeSettings":
+    def from_params(cls, path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ServeSettings:
         """params.yaml's `serve:` section (if the file exists) with `overrides` on top."""
         base: dict[str, Any] = {}
         if path is not None and Path(path).is_file():
-            from flows.params import load_params
+            from galen.flows.params import load_params
 
             section = load_params(path).get("serve") or {}
             if not isinstance(section, Mapping):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import GalenError, GalenInputError
-from serve.settings import ServeSettings
+from galen.model.errors import GalenError, GalenInputError
+from galen.serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve.galen")
 
@@ -64,7 +64,7 @@ class LoadedModel:
 def resolve_tracking_uri(settings: ServeSettings) -> str:
     if settings.tracking_uri:
         return settings.tracking_uri
-    from flows.tracking import tracking_uri
+    from galen.flows.paths import tracking_uri
 
     try:
         return tracking_uri()
@@ -161,7 +161,7 @@ def device_for(settings: ServeSettings) -> str:
 
 def load(ref: ModelRef, settings: ServeSettings, uri: str) -> LoadedModel:
     """Download and load one version; its decoding settings are kept, the request limits are ours."""
-    from model.predict import GalenPredictor, PredictConfig
+    from galen.model.predict import GalenPredictor, PredictConfig
 
     folder, model_config = download(ref, settings, uri)
     cfg = PredictConfig.from_dict(model_config.get("predict"))

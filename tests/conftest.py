@@ -10,6 +10,16 @@ import torch
 REFERENCE_CHECK = Path(__file__).parent / "fixtures" / "reference_check"
 
 
+def load_script(path: Path):
+    """A standalone script (e.g. the reference check's make_bpe.py) imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_reference_case() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(vocab_subset, tensors) of the reference forward-pass case (converted once from the shared
     `case_single_image.pt` to npz so the repository holds no pickle files)."""
@@ -30,7 +40,7 @@ def _deterministic():
 @pytest.fixture(scope="session")
 def demo_vqa(tmp_path_factory) -> Path:
     """The VQA-RAD-style demo dataset (folder with trainset.json, testset.json, images/)."""
-    from flows.demo_data import write_vqa_rad
+    from galen.flows.demo_data import write_vqa_rad
 
     out = tmp_path_factory.mktemp("demo") / "vqa_rad"
     write_vqa_rad(out, num_images=24, image_size=128, seed=0)
@@ -40,8 +50,8 @@ def demo_vqa(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_vqa, tmp_path_factory):
     """A SentencePiece tokenizer trained on the demo questions and answers."""
-    from flows.cli import corpus_texts
-    from model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.flows.cli import corpus_texts
+    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
 
     out = tmp_path_factory.mktemp("tok")
     texts = list(corpus_texts([str(demo_vqa / "trainset.json")], ["question", "answer"]))
@@ -52,8 +62,8 @@ def demo_tokenizer(demo_vqa, tmp_path_factory):
 
 def nano(vocab_size: int = 1200, **overrides):
     """A randomly initialised nano model in eval mode (dropout off)."""
-    from model.config import get_config
-    from model.generalist import GalenModel
+    from galen.model.config import get_config
+    from galen.model.generalist import GalenModel
 
     torch.manual_seed(overrides.pop("seed", 0))
     return GalenModel(get_config("nano", vocab_size=vocab_size, **overrides)).eval()
@@ -78,10 +88,10 @@ DEMO_DATASETS = (  # (folder written by write_demo, ingest format, adapter optio
 def demo_shards(tmp_path_factory) -> Path:
     """The demo pipeline at scale 0.25 through the real stages (demo data -> ingest -> validate ->
     shards): test splits of vqa, caption, classification, nli, summarization and grounding."""
-    from flows.demo_data import write_demo
-    from flows.ingest import ingest
-    from flows.shards import ShardConfig, build_shards
-    from flows.validate import ValidationConfig, validate
+    from galen.flows.demo_data import write_demo
+    from galen.flows.ingest import ingest
+    from galen.flows.shards import ShardConfig, build_shards
+    from galen.flows.validate import ValidationConfig, validate
 
     root = tmp_path_factory.mktemp("demo_pipeline")
     write_demo(root / "raw", seed=0, scale=0.25)
@@ -96,10 +106,10 @@ def demo_shards(tmp_path_factory) -> Path:
 def demo_model_dir(demo_shards, tmp_path_factory) -> Path:
     """A random-weight nano model folder with a tokenizer trained on the demo shards' text (what
     `galen model init --size nano` writes): real plumbing, meaningless answers."""
-    from flows.cli import corpus_texts
-    from model.config import get_config
-    from model.generalist import GalenModel
-    from model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.flows.cli import corpus_texts
+    from galen.model.config import get_config
+    from galen.model.generalist import GalenModel
+    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
 
     out = tmp_path_factory.mktemp("nano_model")
     texts = list(corpus_texts([str(p) for p in sorted(demo_shards.glob("*/train"))], []))

@@ -8,12 +8,12 @@ and writes Parquet shards; `galen ingest --list-formats` prints the registry.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
-from flows.ingest.schema import Record
-from model.errors import GalenInputError
+from galen.flows.ingest.schema import Record
+from galen.model.errors import GalenInputError
 
 Reader = Callable[..., Iterator[Record]]
 
@@ -30,20 +30,20 @@ FORMATS: dict[str, Format] = {}
 # format name -> module defining it (imported on first use, so one broken optional reader never
 # breaks the others)
 FORMAT_MODULES: dict[str, str] = {
-    "vqa-rad": "flows.ingest.vqa_rad",
-    "slake": "flows.ingest.slake",
-    "pathvqa": "flows.ingest.pathvqa",
-    "ofa-tsv": "flows.ingest.ofa_tsv",
-    "r2gen": "flows.ingest.r2gen",
-    "roco": "flows.ingest.roco",
-    "peir-gross": "flows.ingest.peir_gross",
-    "medicat": "flows.ingest.medicat",
-    "caption-csv": "flows.ingest.captions",
-    "webdataset": "flows.ingest.captions",
-    "medmnist": "flows.ingest.medmnist",
-    "mednli": "flows.ingest.mednli",
-    "meqsum": "flows.ingest.meqsum",
-    "dicom": "flows.ingest.dicom",
+    "vqa-rad": "galen.flows.ingest.vqa_rad",
+    "slake": "galen.flows.ingest.slake",
+    "pathvqa": "galen.flows.ingest.pathvqa",
+    "ofa-tsv": "galen.flows.ingest.ofa_tsv",
+    "r2gen": "galen.flows.ingest.r2gen",
+    "roco": "galen.flows.ingest.roco",
+    "peir-gross": "galen.flows.ingest.peir_gross",
+    "medicat": "galen.flows.ingest.medicat",
+    "caption-csv": "galen.flows.ingest.captions",
+    "webdataset": "galen.flows.ingest.captions",
+    "medmnist": "galen.flows.ingest.medmnist",
+    "mednli": "galen.flows.ingest.mednli",
+    "meqsum": "galen.flows.ingest.meqsum",
+    "dicom": "galen.flows.ingest.dicom",
 }
 
 
@@ -71,7 +71,7 @@ def ingest(fmt: str, source: str | Path, out_dir: str | Path, rows_per_shard: in
     """Run one adapter and write its records as Parquet shards; returns counts per task/split."""
     from collections import Counter
 
-    from flows.ingest.schema import ShardWriter
+    from galen.flows.ingest.schema import ShardWriter
 
     source = Path(source)
     if not source.exists():

@@ -21,12 +21,13 @@ import re
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.schema import SPLITS, Record, split_by_hash
-from model.errors import GalenInputError
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import SPLITS, Record, split_by_hash
+from galen.model.errors import GalenInputError
 
 LICENSE_UNSPECIFIED = "unspecified: see the source dataset's own terms (pass license=... to record them)"
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-
-from flows.ingest import register_format
-from flows.ingest.schema import Record, encode_png, split_by_hash
-from model.errors import GalenInputError
-from model.vision import decode_problem, display_pixels, transfer_syntax  # the one DICOM decoder
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import Record, encode_png, split_by_hash
+from galen.model.errors import GalenInputError
+from galen.model.vision import decode_problem, display_pixels, transfer_syntax  # the one DICOM decoder
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ ingest nor disappears silently, and validation quarantines it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.captions import caption_record, check_options, read_inside, single_file
-from flows.ingest.schema import Record, split_by_hash
-from model.errors import GalenInputError
+from galen.flows.ingest import register_format
+from galen.flows.ingest.captions import caption_record, check_options, read_inside, single_file
+from galen.flows.ingest.schema import Record, split_by_hash
+from galen.model.errors import GalenInputError
 
 LICENSE = "MedICat terms (allenai/medicat): research use only; figures from open-access papers (S2ORC, PMC OA)"
 RELEASE_NAME = "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl"

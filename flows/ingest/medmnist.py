@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from flows.ingest import register_format
-from flows.ingest.schema import SPLITS, Record, encode_png
-from model.errors import GalenInputError
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import SPLITS, Record, encode_png
+from galen.model.errors import GalenInputError
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ other yes/no tasks. MedNLI is credentialed (PhysioNet): this adapter only reads 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from flows.ingest import register_format
-from flows.ingest.schema import Record
-from model.errors import GalenInputError
-from model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import Record
+from galen.model.errors import GalenInputError
+from galen.model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER
 
 LICENSE = "PhysioNet Credentialed Health Data License 1.5.0 (MedNLI v1.0.0)"
 SPLIT_FILES = {"train": "mli_train_v1.jsonl", "val": "mli_dev_v1.jsonl", "test": "mli_test_v1.jsonl"}

@@ -8,12 +8,13 @@ columns are read too. The source has no split, so records are split by a hash of
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.schema import SPLITS, Record, split_by_hash
-from model.errors import GalenInputError
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import SPLITS, Record, split_by_hash
+from galen.model.errors import GalenInputError
 
 LICENSE = "MeQSum (Ben Abacha & Demner-Fushman 2019), research use"
 RELEASE_NAME = "MeQSum_ACL2019_BenAbacha_Demner-Fushman.xlsx"

@@ -13,12 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.schema import SPLITS, Record
-from model.errors import GalenInputError
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import SPLITS, Record
+from galen.model.errors import GalenInputError
 
 DEFAULT_DATASET = "ofa-tsv"
 # the TSVs repackage other datasets, so the real licence is the source dataset's; say so unless told

@@ -10,15 +10,16 @@ answers are CLOSED, everything else OPEN.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.ingest import register_format
-from flows.ingest.schema import Record
-from model.errors import GalenInputError
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import Record
+from galen.model.errors import GalenInputError
 
 DATASET = "pathvqa"
 LICENSE = "MIT (PathVQA, He et al. 2020)"

@@ -8,13 +8,14 @@ official split, so each image goes to `split_by_hash(image name)`: stable across
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.captions import caption_record, check_options, iter_csv, iter_lines, read_inside, single_file
-from flows.ingest.schema import Record, split_by_hash
-from model.errors import GalenInputError, read_json
+from galen.flows.ingest import register_format
+from galen.flows.ingest.captions import caption_record, check_options, iter_csv, iter_lines, read_inside, single_file
+from galen.flows.ingest.schema import Record, split_by_hash
+from galen.model.errors import GalenInputError, read_json
 
 LICENSE = "PEIR Digital Library, educational use"
 MAPPING_SUFFIXES = (".json", ".tsv", ".csv", ".txt")

@@ -15,13 +15,14 @@ wrong would label credentialed MIMIC data with IU X-ray's licence.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.captions import caption_record, check_options, read_inside
-from flows.ingest.schema import Record
-from model.errors import GalenInputError, read_json
+from galen.flows.ingest import register_format
+from galen.flows.ingest.captions import caption_record, check_options, read_inside
+from galen.flows.ingest.schema import Record
+from galen.model.errors import GalenInputError, read_json
 
 LICENSES = {
     "iu-xray": "CC BY-NC-ND 4.0 (Indiana University Chest X-ray Collection, Open-i)",

@@ -9,14 +9,22 @@ to `<id>.jpg`). `source_id` is the ROCO id; images keep their PMC OA licences, r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.captions import (caption_record, check_options, column_index, iter_csv, iter_lines, read_inside,
-                                   unsafe_path_reason)
-from flows.ingest.schema import Record
-from model.errors import GalenInputError
+from galen.flows.ingest import register_format
+from galen.flows.ingest.captions import (
+    caption_record,
+    check_options,
+    column_index,
+    iter_csv,
+    iter_lines,
+    read_inside,
+    unsafe_path_reason,
+)
+from galen.flows.ingest.schema import Record
+from galen.model.errors import GalenInputError
 
 LICENSE = "CC BY / CC BY-NC (PMC OA subset), see ROCO"
 SPLIT_DIRS = {"train": "train", "validation": "val", "val": "val", "valid": "val", "test": "test"}

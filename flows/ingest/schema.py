@@ -13,14 +13,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 SPLITS = ("train", "val", "test")
 ROW_GROUP_ROWS = 256  # Parquet row groups: the unit of parallel work for later stages
@@ -119,7 +120,7 @@ class ShardWriter:
         self.flush()
         return self.shards
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import io
 import math
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from flows.ingest import register_format
-from flows.ingest.schema import Record
-from model.errors import GalenInputError, read_json
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import Record
+from galen.model.errors import GalenInputError, read_json
 
 DATASET = "slake"
 LICENSE = "CC BY 4.0 (SLAKE, Liu et al. 2021)"

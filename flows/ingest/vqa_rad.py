@@ -7,12 +7,12 @@ folder `VQA_RAD Image Folder`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from flows.ingest import register_format
-from flows.ingest.schema import Record
-from model.errors import GalenInputError, read_json
+from galen.flows.ingest import register_format
+from galen.flows.ingest.schema import Record
+from galen.model.errors import GalenInputError, read_json
 
 REQUIRED_KEYS = ("image_name", "question", "answer")
 SPLIT_FILES = {"train": ("trainset.json",), "val": ("valset.json", "validationset.json"), "test": ("testset.json",)}

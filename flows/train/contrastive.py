@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 PAIR_SOURCES = ("caption", "classification")
 LABEL_TEMPLATES = ("{}", "a pathology image of {}", "tissue showing {}", "microscopy of {}")
@@ -62,8 +62,8 @@ class ClipTrainConfig:
     cache_rows: int = 10000                 # a worker's shard of a source up to this many rows is cycled in memory
 
     def check(self) -> None:
-        from flows.train.trainer import run_field_problems
-        from model.contrastive import CONFIGS
+        from galen.flows.train.trainer import run_field_problems
+        from galen.model.contrastive import CONFIGS
 
         problems = []
         if not self.init and self.config not in CONFIGS:
@@ -117,14 +117,14 @@ def pair_text(record: Any, templates: list[str], rng: Any) -> str:
 def check_inputs(cfg: ClipTrainConfig) -> dict[str, list[str]]:
     """Pair shards per source (counted against the manifest), the tokenizer and the init folder,
     checked before any worker starts."""
-    from flows.shards import shard_paths
-    from flows.train.trainer import check_shard_rows
+    from galen.flows.shards import shard_paths
+    from galen.flows.train.trainer import check_shard_rows
 
     shards = Path(cfg.shards)
     if not (shards / "manifest.json").is_file():
         raise GalenInputError(f"no shards at {shards} (manifest.json missing); run `dvc repro shards` first")
     if cfg.init:
-        from model.contrastive import read_spec
+        from galen.model.contrastive import read_spec
 
         read_spec(Path(cfg.init))
     elif not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
@@ -153,15 +153,15 @@ def clip_worker(config: dict) -> None:
     import torch
     from tqdm import tqdm
 
-    from flows.ingest.schema import from_row
-    from flows.tracking import TrainingRun
-    from flows.train.objectives import step_rng
-    from flows.train.streams import endless_rows, prefetched
-    from flows.train.trainer import _save_state
-    from model.contrastive import ContrastiveModel
-    from model.losses import contrastive_loss
-    from model.tokenizer import GalenTokenizer
-    from model.vision import load_image
+    from galen.flows.ingest.schema import from_row
+    from galen.flows.tracking import TrainingRun
+    from galen.flows.train.objectives import step_rng
+    from galen.flows.train.streams import endless_rows, prefetched
+    from galen.flows.train.trainer import _save_state
+    from galen.model.contrastive import ContrastiveModel
+    from galen.model.losses import contrastive_loss
+    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vision import load_image
 
     cfg = ClipTrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -262,8 +262,9 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flows.tracking import StorageFolder, TrainingRun, run_id_file, tracking_uri
-    from flows.train.trainer import fit_and_finish, job_location, start_ray
+    from galen.flows.paths import tracking_uri
+    from galen.flows.tracking import StorageFolder, TrainingRun, run_id_file
+    from galen.flows.train.trainer import fit_and_finish, job_location, start_ray
 
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 
 
 def _local(param: torch.nn.Parameter) -> torch.Tensor:

@@ -20,18 +20,18 @@ import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
 
-from flows.ingest.schema import Record, image_sha1
-from model.decoding import CandidateTrie
-from model.errors import GalenInputError
-from model.image_codes import PrecomputedCodes
-from model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER, YES_NO, build_prompt, closed_answers, vqa_prompt
-from model.tokenizer import GalenTokenizer
-from model.vision import preprocess_images
+from galen.flows.ingest.schema import Record, image_sha1
+from galen.model.decoding import CandidateTrie
+from galen.model.errors import GalenInputError
+from galen.model.image_codes import PrecomputedCodes
+from galen.model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER, YES_NO, build_prompt, closed_answers, vqa_prompt
+from galen.model.tokenizer import GalenTokenizer
+from galen.model.vision import preprocess_images
 
 DEFAULT_MAX_SOURCE = 256
 DEFAULT_MAX_TARGET = 128
@@ -41,7 +41,7 @@ POISSON_LAMBDA = 3.0           # text infilling: span lengths ~ Poisson(3)
 FINETUNE_TASKS = ("vqa", "caption", "classification", "nli", "summarization", "grounding", "detection",
                   "text_infilling")
 
-ImageCodes = Union[Mapping[str, Sequence[int]], PrecomputedCodes]
+ImageCodes = Mapping[str, Sequence[int]] | PrecomputedCodes
 
 
 @dataclass

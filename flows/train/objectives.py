@@ -19,8 +19,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from flows.ingest.schema import Record
-from flows.train.examples import (
+from galen.flows.ingest.schema import Record
+from galen.flows.train.examples import (
     FINETUNE_TASKS,
     Example,
     ImageCodes,
@@ -33,8 +33,8 @@ from flows.train.examples import (
     make_example,
     text_infilling_example,
 )
-from model.errors import GalenInputError
-from model.tokenizer import GalenTokenizer
+from galen.model.errors import GalenInputError
+from galen.model.tokenizer import GalenTokenizer
 
 # objective -> the shard tasks whose records can feed it (in order of preference)
 PRETRAIN_SOURCES: dict[str, tuple[str, ...]] = {

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 
 def endless_rows(epoch: Callable[[], Iterable[Any]], skip: int = 0, cache_rows: int = 10000) -> Iterator[Any]:

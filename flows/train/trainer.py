@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.train.objectives import FINETUNE_OBJECTIVES, SUBSET_SOURCES
-from model.errors import GalenInputError
+from galen.flows.train.objectives import FINETUNE_OBJECTIVES, SUBSET_SOURCES
+from galen.model.errors import GalenInputError
 
 STAGES = ("pretrain", "finetune")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -136,7 +136,7 @@ class TrainConfig:
             self.curriculum = Curriculum(**self.curriculum)
 
     def known_objectives(self) -> tuple[str, ...]:
-        from flows.train.objectives import objective_sources
+        from galen.flows.train.objectives import objective_sources
 
         return tuple(objective_sources(self.stage))
 
@@ -144,7 +144,7 @@ class TrainConfig:
         """The mixture's weights (a curriculum's first phase has its own). Pretraining: `objectives`;
         fine-tuning: one objective per task (the driver fills in the shards' mixture) with
         `objectives` on top."""
-        from flows.train.objectives import PRETRAIN_SOURCES
+        from galen.flows.train.objectives import PRETRAIN_SOURCES
 
         if self.stage == "pretrain":
             return dict(self.objectives if self.objectives is not None else {k: 1.0 for k in PRETRAIN_SOURCES})
@@ -165,7 +165,7 @@ class TrainConfig:
         problems = []
         if self.stage not in STAGES:
             problems.append(f"stage {self.stage!r} is not one of {STAGES}")
-        from model.config import SIZES
+        from galen.model.config import SIZES
 
         if self.size is None and not self.init:
             problems.append("size is needed when training does not start from an init model folder")
@@ -179,7 +179,7 @@ class TrainConfig:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0 < self.ema_decay < 1):
             problems.append(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
-        from model.losses import LOSS_AVERAGES
+        from galen.model.losses import LOSS_AVERAGES
 
         if self.loss_average not in LOSS_AVERAGES:
             problems.append(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss_average!r}")
@@ -225,8 +225,8 @@ def load_train_config(params: dict[str, Any], stage: str, **overrides: Any) -> T
 def training_sources(cfg: TrainConfig, shards: Path) -> dict[str, list[str]]:
     """Shard files per source task. Fine-tuning needs every listed task; pretraining reads whatever
     its objectives can use (an objective without data is dropped, not an error)."""
-    from flows.shards import shard_paths
-    from flows.train.objectives import objective_sources
+    from galen.flows.shards import shard_paths
+    from galen.flows.train.objectives import objective_sources
 
     if cfg.stage == "pretrain":
         sources = objective_sources(cfg.stage)
@@ -271,7 +271,7 @@ def source_rows(shards: Path, files: dict[str, list[str]]) -> dict[str, int]:
 def step_planners(cfg: TrainConfig, counts: dict[str, int]) -> tuple[Any, Any]:
     """(the mixture's planner, the curriculum's or None); building them checks that every phase has
     an objective with both weight and rows, so the driver can refuse a job before workers start."""
-    from flows.train.objectives import StepPlanner, objective_sources
+    from galen.flows.train.objectives import StepPlanner, objective_sources
 
     def planner(weights: dict[str, float]) -> Any:
         return StepPlanner(weights, objective_sources(cfg.stage), counts, cfg.seed)
@@ -283,7 +283,7 @@ def step_planners(cfg: TrainConfig, counts: dict[str, int]) -> tuple[Any, Any]:
 def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
     """Shard files per source task, checked (with the tokenizer, init model and image codes)
     before any worker starts, so a bad input never leaves a half-written run behind."""
-    from model.tasks import TASKS
+    from galen.model.tasks import TASKS
 
     shards = Path(cfg.shards)
     if not (shards / "manifest.json").is_file():
@@ -333,14 +333,14 @@ def check_shard_rows(shards: Path, files: dict[str, list[str]]) -> None:
 
 def check_init_model(cfg: TrainConfig) -> None:
     """The starting model folder must exist and match the tokenizer (vocabulary) it will train with."""
-    from model.tokenizer import GalenTokenizer
+    from galen.model.tokenizer import GalenTokenizer
 
     init = Path(cfg.init)  # type: ignore[arg-type]
     config_file = init / "config.json"
     if not config_file.is_file():
         raise GalenInputError(f"train.init={cfg.init} is not a Galen model folder (no config.json); give a folder "
                               "written by `galen train`, `galen model init` or `galen import-checkpoint`")
-    from model.config import SIZES
+    from galen.model.config import SIZES
 
     saved = json.loads(config_file.read_text())
     expected = SIZES[cfg.size] if cfg.size is not None else {}  # None: whatever architecture init holds
@@ -416,17 +416,17 @@ def train_worker(config: dict) -> None:
     import torch
     from tqdm import tqdm
 
-    from flows.ingest.schema import from_row
-    from flows.tracking import TrainingRun
-    from flows.train.ema import WeightEMA
-    from flows.train.examples import collate
-    from flows.train.objectives import ExampleBuilder, group_by_image_shape, step_rng
-    from flows.train.streams import endless_rows, prefetched
-    from model.config import get_config
-    from model.generalist import GalenModel
-    from model.image_codes import PrecomputedCodes
-    from model.losses import label_smoothed_cross_entropy
-    from model.tokenizer import GalenTokenizer
+    from galen.flows.ingest.schema import from_row
+    from galen.flows.tracking import TrainingRun
+    from galen.flows.train.ema import WeightEMA
+    from galen.flows.train.examples import collate
+    from galen.flows.train.objectives import ExampleBuilder, group_by_image_shape, step_rng
+    from galen.flows.train.streams import endless_rows, prefetched
+    from galen.model.config import get_config
+    from galen.model.generalist import GalenModel
+    from galen.model.image_codes import PrecomputedCodes
+    from galen.model.losses import label_smoothed_cross_entropy
+    from galen.model.tokenizer import GalenTokenizer
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -602,11 +602,12 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training job described by `cfg`; returns the final metrics."""
     import ray
     import ray.data
+    from ray.data.expressions import col
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flows.tracking import StorageFolder, TrainingRun, run_id_file, tracking_uri
-    from ray.data.expressions import col
+    from galen.flows.paths import tracking_uri
+    from galen.flows.tracking import StorageFolder, TrainingRun, run_id_file
 
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())
@@ -665,7 +666,7 @@ def start_ray(num_workers: int) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         ray.init(num_cpus=(os.cpu_count() or 1) + num_workers, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "flows.train.quiet_dashboardless_ray"})
+                 runtime_env={"worker_process_setup_hook": "galen.flows.train.quiet_dashboardless_ray"})
 
 
 def fit_and_finish(trainer: Any, run: Any, job_dir: Any, out: str, metrics_file: str | None) -> dict:

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from skimage.measure import label, regionprops
 
-from flows.demo_data import DEMO_FORMATS, write_demo
+from galen.flows.demo_data import DEMO_FORMATS, write_demo
 
 NUMBERS = {"no": 0, "zero": 0, "one": 1, "a": 1, "two": 2, "three": 3, "four": 4}
 SCALE = 0.5
@@ -132,7 +132,7 @@ def test_vqa_answers_match_the_nodules_found_in_the_images(demo):
 
 
 def test_vqa_rad_demo_reads_through_the_real_adapter(demo):
-    from flows.ingest import get_format
+    from galen.flows.ingest import get_format
 
     root, counts = demo
     records = list(get_format("vqa-rad").read(root / "vqa_rad"))
@@ -403,8 +403,8 @@ ADAPTER_SOURCES = {  # format -> (sources to try in order: the dataset folder, t
 
 @pytest.mark.parametrize("fmt", sorted(ADAPTER_SOURCES))
 def test_demo_folder_reads_through_the_format_adapter(demo, fmt):
-    from flows.ingest import get_format
-    from model.errors import GalenInputError
+    from galen.flows.ingest import get_format
+    from galen.model.errors import GalenInputError
 
     root, counts = demo
     sources, expected = ADAPTER_SOURCES[fmt]

@@ -17,9 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest.download import (PUBLIC_DATASETS, PublicDataset, RemoteFile, download, extract, fetch,
-                                   medmnist_files)
-from model.errors import GalenInputError
+from galen.flows.ingest.download import (
+    PUBLIC_DATASETS,
+    PublicDataset,
+    RemoteFile,
+    download,
+    extract,
+    fetch,
+    medmnist_files,
+)
+from galen.model.errors import GalenInputError
 
 PAYLOAD = bytes(range(256)) * 4000  # ~1 MB: spans several read chunks
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.demo_data import write_slake
-from flows.ingest import get_format, ingest, slake
-from flows.ingest.schema import Record, ShardWriter, read_records
-from flows.shards import ShardConfig, build_shards, scale_boxes, shard_paths
-from flows.train.examples import grounding_example, make_example
-from flows.validate import ValidationConfig, validate
-from model.errors import GalenInputError
-from model.tasks import build_prompt
-from model.tokenizer import GalenTokenizer, train_sentencepiece
+from galen.flows.demo_data import write_slake
+from galen.flows.ingest import get_format, ingest, slake
+from galen.flows.ingest.schema import Record, ShardWriter, read_records
+from galen.flows.shards import ShardConfig, build_shards, scale_boxes, shard_paths
+from galen.flows.train.examples import grounding_example, make_example
+from galen.flows.validate import ValidationConfig, validate
+from galen.model.errors import GalenInputError
+from galen.model.tasks import build_prompt
+from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
 
 NUM_BINS = 1000
 

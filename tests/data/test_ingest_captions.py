@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows.ingest import get_format, ingest
-from flows.ingest.schema import Record, read_records, split_by_hash, to_row
-from model.errors import GalenInputError
+from galen.flows.ingest import get_format, ingest
+from galen.flows.ingest.schema import Record, read_records, split_by_hash, to_row
+from galen.model.errors import GalenInputError
 
 
 def image_bytes(color: tuple[int, int, int], fmt: str = "PNG", size: int = 8) -> bytes:
@@ -472,17 +472,17 @@ def wds(tmp_path: Path) -> Path:
     root.mkdir()
     with tarfile.open(root / "shard-000000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
         add_member(tar, "000000.jpg", image_bytes((200, 0, 0), "JPEG"))
-        add_member(tar, "000000.txt", "A chest radiograph.\n".encode())
+        add_member(tar, "000000.txt", b"A chest radiograph.\n")
         add_member(tar, "000000.json", json.dumps({"source": "pmc", "width": 8}).encode())
         add_member(tar, "../evil.txt", b"pwned")
         add_member(tar, ABS_NAME, image_bytes((1, 1, 1), "JPEG"))
         add_member(tar, "000001.png", image_bytes((0, 200, 0)))
-        add_member(tar, "000001.txt", "Skin lesion, dermoscopy.".encode())
+        add_member(tar, "000001.txt", b"Skin lesion, dermoscopy.")
         add_member(tar, "000002.jpg", image_bytes((0, 0, 200), "JPEG"))  # no caption
     with tarfile.open(root / "shard-000001.tar", "w", format=tarfile.GNU_FORMAT) as tar:
-        add_member(tar, "000003.txt", "Caption without an image.".encode())
+        add_member(tar, "000003.txt", b"Caption without an image.")
         add_member(tar, "000004.jpg", b"\xff\xd8 not really decoded here")
-        add_member(tar, "000004.txt", "Bytes kept as stored.".encode())
+        add_member(tar, "000004.txt", b"Bytes kept as stored.")
         add_member(tar, "000004.json", b"{broken")
         add_member(tar, "000006.png", image_bytes((6, 6, 6)))
         add_member(tar, "000006.txt", b"first caption")

@@ -14,18 +14,17 @@ import shutil
 import warnings
 from pathlib import Path
 
+import medmnist  # noqa: E402  (a required dependency: never skipped)
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from flows.ingest import get_format, ingest
-from flows.ingest.schema import Record, read_records, split_by_hash
-from flows.validate import ValidationConfig, check_record
-from model.errors import GalenInputError
-from model.tasks import NLI_ANSWERS
-
-import medmnist  # noqa: E402  (a required dependency: never skipped)
+from galen.flows.ingest import get_format, ingest
+from galen.flows.ingest.schema import Record, read_records, split_by_hash
+from galen.flows.validate import ValidationConfig, check_record
+from galen.model.errors import GalenInputError
+from galen.model.tasks import NLI_ANSWERS
 
 
 def read(fmt: str, source: Path, **options) -> list[Record]:
@@ -333,7 +332,7 @@ def test_dicom_min_max_without_window_and_monochrome1_inverted(tmp_path):
 
 
 def test_dicom_window_functions():
-    from model.vision import window
+    from galen.model.vision import window
 
     x = np.array([-1000.0, 39.5, 40.0, 1000.0])
     np.testing.assert_allclose(window(x, 40, 400), [0.0, 0.5, (40 - 39.5) / 399 + 0.5, 1.0])
@@ -426,7 +425,7 @@ def test_dicom_non_dicom_files_reports_and_captions(tmp_path, caplog):
     (tmp_path / "README").write_text("a readme")
     (tmp_path / "thumb.png").write_bytes(b"\x89PNG")
     shutil.copy(pydicom_sample("test-SR.dcm"), tmp_path / "report.dcm")
-    with caplog.at_level(logging.INFO, logger="flows.ingest.dicom"):
+    with caplog.at_level(logging.INFO, logger="galen.flows.ingest.dicom"):
         records = read("dicom", tmp_path)
     assert sorted(r.source_id for r in records) == ["broken.dcm", "good.dcm", "nodesc.dcm", "report.dcm"]
     assert one(records, "good.dcm").target == "Axial T2 FLAIR" and one(records, "good.dcm").problem is None

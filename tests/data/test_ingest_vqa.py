@@ -17,10 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.ingest import ingest
-from flows.ingest import ofa_tsv, pathvqa, slake
-from flows.ingest.schema import Record, read_records
-from model.errors import GalenInputError
+from galen.flows.ingest import ingest, ofa_tsv, pathvqa, slake
+from galen.flows.ingest.schema import Record, read_records
+from galen.model.errors import GalenInputError
 
 
 def image_bytes(color: tuple[int, int, int], fmt: str = "JPEG", size: int = 24) -> bytes:

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.ingest.schema import Record, ShardWriter, read_records
-from flows.shards import ShardConfig, build_shards, shard_paths
-from flows.validate import DataQualityError, ValidationConfig, validate
+from galen.flows.ingest.schema import Record, ShardWriter, read_records
+from galen.flows.shards import ShardConfig, build_shards, shard_paths
+from galen.flows.validate import DataQualityError, ValidationConfig, validate
 
 
 def png(color=(120, 30, 30), size=(64, 48)) -> bytes:

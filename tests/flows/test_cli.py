@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from flows.cli import build_parser, main
+from galen.flows.cli import build_parser, main
 
 
 def galen(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -93,7 +93,7 @@ def test_tokenizer_train_init_and_generate_round_trip(tmp_path, demo_vqa):
     (("generate", "--model", "no-such-folder", "--question", "why?"), "model folder no-such-folder does not exist"),
 ])
 def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, args, message):
-    out = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "galen.flows.cli", *args], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
 

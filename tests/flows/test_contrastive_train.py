@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from model.errors import GalenCheckpointError, GalenInputError
+from galen.model.errors import GalenCheckpointError, GalenInputError
 from tests.flows.train_procs import GalenJob, cleanup_dir, isolated_env, short_tmp
 
 
@@ -27,14 +27,14 @@ from tests.flows.train_procs import GalenJob, cleanup_dir, isolated_env, short_t
     ({"placement_strategy": "SPREAD_OUT"}, "placement_strategy must be one of"),
 ])
 def test_bad_params_are_named(train, words):
-    from flows.train.contrastive import load_clip_train_config
+    from galen.flows.train.contrastive import load_clip_train_config
 
     with pytest.raises(GalenInputError, match=re.escape(words)):
         load_clip_train_config({"clip": {"train": train}})
 
 
 def test_missing_inputs_fail_before_any_worker(tmp_path, demo_shards):
-    from flows.train.contrastive import ClipTrainConfig, check_inputs
+    from galen.flows.train.contrastive import ClipTrainConfig, check_inputs
 
     with pytest.raises(GalenInputError, match="run `dvc repro shards` first"):
         check_inputs(ClipTrainConfig(shards=str(tmp_path / "nowhere")))
@@ -53,8 +53,8 @@ def test_demo_training_makes_zero_shot_far_better_than_chance(tmp_path, demo_sha
     import torch
     from PIL import Image
 
-    from flows.evaluate_contrastive import evaluate_clip
-    from model.contrastive import ContrastiveModel
+    from galen.flows.evaluate_contrastive import evaluate_clip
+    from galen.model.contrastive import ContrastiveModel
 
     out = tmp_path / "clip"
     train = {"config": "micro", "steps": 30, "batch_size": 32, "num_workers": 2, "zero_stage": 1,
@@ -89,7 +89,7 @@ def test_demo_training_makes_zero_shot_far_better_than_chance(tmp_path, demo_sha
 
 
 def _images(shards):
-    from flows.evaluate import eval_records
+    from galen.flows.evaluate import eval_records
 
     for r in eval_records(shards, "classification", 1):
         yield r.image

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
-from flows.evaluate import (
+from galen.flows.cli import main
+from galen.flows.evaluate import (
     caption_metrics,
     classification_metrics,
     evaluate,
@@ -20,10 +20,10 @@ from flows.evaluate import (
     summarization_metrics,
     vqa_metrics,
 )
-from flows.tracking import tracking_uri
-from model.checkpoint import folder_digest
-from model.errors import GalenInputError
-from model.predict import PredictConfig
+from galen.flows.paths import tracking_uri
+from galen.model.checkpoint import folder_digest
+from galen.model.errors import GalenInputError
+from galen.model.predict import PredictConfig
 
 # short searches keep a random model's free-text answers (which never stop on their own) quick
 SHORT = PredictConfig.from_dict({"vqa": {"beam_size": 2, "max_length": 6}, "caption": {"beam_size": 2, "max_length": 8},

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.ingest.schema import Record, image_sha1
-from flows.train.examples import (
+from galen.flows.ingest.schema import Record, image_sha1
+from galen.flows.train.examples import (
+    caption_example,
     collate,
     detection_example,
     grounded_caption_example,
@@ -21,17 +22,16 @@ from flows.train.examples import (
     itm_example,
     make_example,
     mask_words,
-    caption_example,
     task_mixture_sampler,
     text_infilling_example,
 )
-from model.decoding import CandidateTrie
-from model.errors import GalenInputError
-from model.image_codes import PrecomputedCodes
-from model.losses import label_smoothed_cross_entropy
-from model.tasks import NLI_ANSWERS, build_prompt, vqa_prompt
-from model.tokenizer import GalenTokenizer, train_sentencepiece
-from model.vision import preprocess_images
+from galen.model.decoding import CandidateTrie
+from galen.model.errors import GalenInputError
+from galen.model.image_codes import PrecomputedCodes
+from galen.model.losses import label_smoothed_cross_entropy
+from galen.model.tasks import NLI_ANSWERS, build_prompt, vqa_prompt
+from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
+from galen.model.vision import preprocess_images
 
 S = 64  # image side for fine-tuning examples (nano model: 16-px patches)
 WORDS = ("the chest x ray shows a small nodule in left lung no effusion heart size normal lesion "
@@ -83,7 +83,7 @@ def test_vqa_prompt_target_bos_eos_and_image(tok):
 
 def test_vqa_answers_are_lower_cased_like_the_answer_sets(tok):
     """SLAKE answers "Yes", VQA-RAD "yes": one answer, and inside the (lower-cased) closed set."""
-    from flows.shards import closed_answer_sets
+    from galen.flows.shards import closed_answer_sets
 
     r = rec("vqa", image=png(), question="Is there a nodule?", target="Yes", answer_type="CLOSED")
     answers = closed_answer_sets([{"task": "vqa", "split": "train", "dataset": "demo", "target": t, "candidates": None}

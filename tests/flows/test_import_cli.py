@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from model.generalist import GalenModel
-from model.tokenizer import GalenTokenizer
-from tests.conftest import REFERENCE_CHECK
+from galen.model.generalist import GalenModel
+from galen.model.tokenizer import GalenTokenizer
+from tests.conftest import REFERENCE_CHECK, load_script
 from tests.flows.test_cli import galen
-from tests.model.test_tokenizer_bpe import B2S
 
-
-def write_full_size_bpe(folder: Path) -> None:
-    """encoder.json (50,257 tokens), vocab.bpe and a 50,260-line dict.txt: the reference's sizes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = [B2S[b] for b in range(256)]  # GPT-2's printable stand-ins for the 256 bytes
-    words = ["Ġis", "Ġthere", "Ġa", "Ġnodule", "?", "Ġyes", "Ġno", "Ġwhat", "Ġorgan", "Ġlung", "Ġliver"]
-    merges, vocab = [], {s: i for i, s in enumerate(alphabet)}
-    for w in words:  # left-to-right merges building each word
-        cur = w[0]
-        for ch in w[1:]:
-            if cur + ch not in vocab:
-                merges.append((cur, ch))
-                vocab[cur + ch] = len(vocab)
-            cur += ch
-    pairs = (a + b for a in alphabet for b in alphabet)
-    while len(vocab) < 50256:
-        p = next(pairs)
-        if p not in vocab and len(p) == 2:
-            merges.append((p[0], p[1]))
-            vocab[p] = len(vocab)
-    vocab["<|endoftext|>"] = 50256
-    (folder / "encoder.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    ids = list(range(50257))
-    random.Random(0).shuffle(ids)
-    lines = [f"{g} {50257 - k}" for k, g in enumerate(ids)] + [f"madeupword000{k} 0" for k in range(3)]
-    (folder / "dict.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+write_full_size_bpe = load_script(REFERENCE_CHECK / "make_bpe.py").write_full_size_bpe
 
 
 @pytest.fixture(scope="module")

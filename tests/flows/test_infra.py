@@ -1,5 +1,5 @@
 """infra/: the cluster manifests, launcher config, image and scripts agree with each other, with the
-code's contract (galen train, serve.app:build_app, the MLflow alias) and with infra/README.md."""
+code's contract (galen train, galen.serve.app:build_app, the MLflow alias) and with infra/README.md."""
 
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def test_rayservice_serve_config_runs_the_galen_app_at_the_champion_alias():
     cfg = serve_config()
     (app,) = cfg["applications"]
     assert app["name"] == "galen"
-    assert app["import_path"] == "serve.app:build_app"
+    assert app["import_path"] == "galen.serve.app:build_app"
     assert app["route_prefix"] == "/"
     dep, clip = app["deployments"]
     assert dep["name"] == "GalenGeneralist" and clip["name"] == "GalenContrastive"
@@ -470,9 +470,9 @@ def galen_args(command: str) -> list[str]:
 def check_train_command(argv: list[str]) -> None:
     """A `galen train` command line parses with Galen's own parser, and the params file it names
     (the repo's, as in the image and on the launcher's nodes) loads with only known, valid params."""
-    from flows.cli import build_parser, cmd_train
-    from flows.params import load_params
-    from flows.train.trainer import load_train_config
+    from galen.flows.cli import build_parser, cmd_train
+    from galen.flows.params import load_params
+    from galen.flows.train.trainer import load_train_config
 
     args = build_parser().parse_args(argv)
     assert args.func is cmd_train, argv
@@ -489,9 +489,9 @@ def test_rayjob_runs_a_galen_train_command_with_known_params_and_its_worker_coun
     argv = galen_args(next(s for s in steps if s.startswith("galen train")))
     check_train_command(argv)
 
-    from flows.cli import build_parser
-    from flows.params import load_params
-    from flows.train.trainer import load_train_config
+    from galen.flows.cli import build_parser
+    from galen.flows.params import load_params
+    from galen.flows.train.trainer import load_train_config
 
     args = build_parser().parse_args(argv)
     cfg = load_train_config(load_params(ROOT / args.params), args.stage, num_workers=args.workers)
@@ -510,8 +510,8 @@ def documented_submit_commands() -> list[str]:
 
 
 def test_every_documented_galen_submit_command_parses_and_submits_a_valid_train_command():
-    from flows.cli import build_parser
-    from flows.submit import galen_command
+    from galen.flows.cli import build_parser
+    from galen.flows.submit import galen_command
 
     commands = documented_submit_commands()
     assert len(commands) >= 3, commands                     # README (KubeRay, AWS) + the manifests' headers
@@ -519,7 +519,7 @@ def test_every_documented_galen_submit_command_parses_and_submits_a_valid_train_
         args = build_parser().parse_args(galen_args(cmd))
         assert args.func.__name__ == "cmd_submit", cmd
         assert args.cluster_dir in {"/app", "~/galen"}, cmd   # where the image / the launcher put the repo
-        check_train_command(galen_command(args.command))
+        check_train_command(galen_command(args.command, build_parser()))
 
 
 def ray_start_options() -> set[str]:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.ingest.schema import Record
-from flows.train.ema import WeightEMA
-from flows.train.examples import collate
-from flows.train.objectives import PRETRAIN_SOURCES, ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
-from model.errors import GalenInputError
+from galen.flows.ingest.schema import Record
+from galen.flows.train.ema import WeightEMA
+from galen.flows.train.examples import collate
+from galen.flows.train.objectives import PRETRAIN_SOURCES, ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
+from galen.model.errors import GalenInputError
 
 
 def png(colour: int, size: int = 64) -> bytes:

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
-from flows.evaluate import eval_records, evaluate, record_request
-from flows.registry import (
+from galen.flows.cli import main
+from galen.flows.evaluate import eval_records, evaluate, record_request
+from galen.flows.paths import tracking_uri
+from galen.flows.registry import (
     CHALLENGER,
     CHAMPION,
     LOCK_SUFFIX,
@@ -32,10 +33,10 @@ from flows.registry import (
     register,
     rollback,
 )
-from flows.tracking import TrainingRun, tracking_uri
-from model.checkpoint import folder_digest
-from model.errors import GalenCheckpointError, GalenInputError
-from model.predict import PredictConfig
+from galen.flows.tracking import TrainingRun
+from galen.model.checkpoint import folder_digest
+from galen.model.errors import GalenCheckpointError, GalenInputError
+from galen.model.predict import PredictConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = {"registry": {"model_name": "galen-test", "experiment": "galen-evaluate",
@@ -186,8 +187,8 @@ def test_the_champion_loaded_by_alias_in_a_new_process_reproduces_the_evaluation
     reg = register(demo_model_dir, cfg, PARAMS, metrics_file=tmp_path / "eval.json", uri=uri, project=REPO)
     assert reg.run_id == report["run_id"]                                # the model lives in its evaluation run
     # the version carries the class names it was evaluated on: serving's default for /v1/classify
-    from serve.settings import ServeSettings
-    from serve.store import LoadedModel, ModelRef, download
+    from galen.serve.settings import ServeSettings
+    from galen.serve.store import LoadedModel, ModelRef, download
 
     labels = json.loads((demo_shards / "candidates.json").read_text())["medmnist-pathmnist"]["classification"]
     settings = ServeSettings(model_name=cfg.model_name, model_cache=str(tmp_path / "served-models"))
@@ -228,7 +229,7 @@ def test_the_champion_loaded_by_alias_in_a_new_process_reproduces_the_evaluation
 def _promote_slowly(uri: str, name: str, version: str, barrier) -> bool:
     """A promotion in its own process whose decision takes 1.5 s (between reading the champion and
     moving aliases: the window in which an unlocked promotion would be overtaken)."""
-    import flows.registry as registry
+    import galen.flows.registry as registry
 
     original = registry.compare
 

@@ -7,7 +7,7 @@ from itertools import islice
 
 import pytest
 
-from flows.train.streams import endless_rows, prefetched
+from galen.flows.train.streams import endless_rows, prefetched
 
 
 class Shard:

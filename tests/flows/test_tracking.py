@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.tracking import (
+from galen.flows.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     TrainingRun,
     artifact_location,
@@ -23,7 +23,7 @@ from flows.tracking import (
     sanitize_key,
     tracking_uri,
 )
-from model.errors import GalenInputError
+from galen.model.errors import GalenInputError
 from tests.servers import AWS
 
 

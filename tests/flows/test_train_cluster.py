@@ -103,7 +103,7 @@ def test_galen_submit_trains_on_both_nodes_of_a_cluster(two_node_cluster, tmp_pa
     import torch
     from safetensors import safe_open
 
-    from model.generalist import GalenModel
+    from galen.model.generalist import GalenModel
 
     url, env = two_node_cluster["dashboard"], two_node_cluster["env"]
     out = tmp_path / "model"
@@ -148,15 +148,18 @@ def test_galen_submit_trains_on_both_nodes_of_a_cluster(two_node_cluster, tmp_pa
 
 
 def test_submit_refuses_a_bad_command_before_contacting_a_cluster(tmp_path):
-    from flows.submit import galen_command, submit
-    from model.errors import GalenInputError
+    from galen.flows.cli import build_parser
+    from galen.flows.submit import galen_command, submit
+    from galen.model.errors import GalenInputError
 
-    assert galen_command(["--", "train", "--stage", "finetune"]) == ["train", "--stage", "finetune"]
+    parser = build_parser()
+
+    assert galen_command(["--", "train", "--stage", "finetune"], parser) == ["train", "--stage", "finetune"]
     with pytest.raises(GalenInputError, match="not a valid Galen command"):
-        galen_command(["--", "train", "--stage", "finetuning"])
+        galen_command(["--", "train", "--stage", "finetuning"], parser)
     with pytest.raises(GalenInputError, match="cannot submit itself"):
-        galen_command(["submit", "--", "train"])
+        galen_command(["submit", "--", "train"], parser)
     with pytest.raises(GalenInputError, match="not the Galen project folder"):
-        submit(["train", "--stage", "finetune"], address="http://127.0.0.1:9", project=tmp_path)
+        submit(["train", "--stage", "finetune"], parser, address="http://127.0.0.1:9", project=tmp_path)
     with pytest.raises(GalenInputError, match="cannot reach the Ray Jobs API"):
-        submit(["train", "--stage", "finetune"], address=f"http://127.0.0.1:{free_port()}", project=ROOT)
+        submit(["train", "--stage", "finetune"], parser, address=f"http://127.0.0.1:{free_port()}", project=ROOT)

@@ -11,10 +11,12 @@ import math
 import pytest
 import torch
 
+from tests.conftest import REFERENCE_CHECK, load_script
 from tests.flows.test_cli import galen
-from tests.flows.test_import_cli import write_full_size_bpe
 from tests.flows.train_procs import metric_history, only_run, run_galen_to_end, write_params
 from tests.model.test_interop import assert_reproduces_reference, make_weights
+
+write_full_size_bpe = load_script(REFERENCE_CHECK / "make_bpe.py").write_full_size_bpe
 
 # BatchNorm parameters and buffers of the backbone: frozen by --freeze-resnet, so training must not move them
 BATCHNORM = ("running_mean", "running_var", "num_batches_tracked", "bn1.weight", "bn1.bias", "bn2.weight",
@@ -25,7 +27,7 @@ BATCHNORM = ("running_mean", "running_var", "num_batches_tracked", "bn1.weight",
 def imported(tmp_path_factory):
     """The reference-check weights as a BiomedGPT fine-tuning run would leave them (--freeze-resnet),
     imported with their GPT-2 BPE files through the CLI."""
-    from model.interop import read_torch_file
+    from galen.model.interop import read_torch_file
 
     root = tmp_path_factory.mktemp("release")
     ckpt_path = make_weights(root, "fairseq")
@@ -43,10 +45,10 @@ def imported(tmp_path_factory):
 def test_finetune_from_an_imported_folder(tmp_path, demo_shards, imported, case_single_image):
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import main
-    from model.generalist import GalenModel
-    from model.interop import import_reference
-    from model.tokenizer import GalenTokenizer
+    from galen.flows.cli import main
+    from galen.model.generalist import GalenModel
+    from galen.model.interop import import_reference
+    from galen.model.tokenizer import GalenTokenizer
 
     storage, out = tmp_path / "storage", tmp_path / "model"
     # params.yaml names another size and a tokenizer folder that does not exist: `--init` alone must
@@ -115,7 +117,7 @@ def case_single_image():
 
 
 def test_size_that_contradicts_the_imported_folder_is_refused(tmp_path, demo_shards, imported, capsys):
-    from flows.cli import main
+    from galen.flows.cli import main
 
     params = write_params(tmp_path / "params.yaml", tasks=["vqa"], shards=str(demo_shards),
                           storage_path=str(tmp_path / "storage"))

@@ -4,7 +4,6 @@ weights (the same as DeepSpeed's own zero_to_fp32 consolidation of the last chec
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_zero3_training_consolidates_the_shards_into_a_model_folder(tmp_path, demo_shards, demo_model_dir):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from model.generalist import GalenModel
+    from galen.model.generalist import GalenModel
 
     storage, out = tmp_path / "storage", tmp_path / "model"
     job = {**SMALL_JOB, "zero_stage": 3, "steps": 3, "checkpoint_every": 3, "ema_decay": None, "lr": 1e-3,

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.contrastive import (CONFIG_FILE, ContrastiveModel, build_clip, get_spec, load_weights)
-from model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
-from model.losses import contrastive_loss
+from galen.model.contrastive import CONFIG_FILE, ContrastiveModel, build_clip, get_spec, load_weights
+from galen.model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
+from galen.model.losses import contrastive_loss
 
 
 def _png(seed: int, size: int = 96) -> bytes:
@@ -120,7 +120,7 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(micro, tmp_path):
     torch.testing.assert_close(theirs_txt, micro.encode_texts(texts), rtol=0, atol=1e-5)
     again = ContrastiveModel.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(again.encode_texts(texts), micro.encode_texts(texts))
-    with pytest.raises(Exception):  # open_clip's own BPE would give ids meaningless to this model: refused
+    with pytest.raises(Exception):  # noqa: B017 -- whatever open_clip raises; open_clip's own BPE would give ids meaningless to this model: refused
         open_clip.get_tokenizer(f"local-dir:{tmp_path / 'm'}")
 
 
@@ -129,7 +129,7 @@ def test_cli_export_and_embed(micro, tmp_path, capsys):
     which open_clip and Galen both load; `galen clip embed` prints the same numbers as the API."""
     import open_clip
 
-    from flows.cli import main
+    from galen.flows.cli import main
 
     micro.save_pretrained(tmp_path / "m")
     assert main(["clip", "export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "x")]) == 0
@@ -220,7 +220,7 @@ def test_mismatched_weights_and_tokenizers_are_refused(micro, tmp_path, demo_tok
         def __len__(self):
             return len(demo_tokenizer) + 10
 
-    from model.contrastive import GalenTextEncoder
+    from galen.model.contrastive import GalenTextEncoder
 
     with pytest.raises(GalenCheckpointError, match="tokenizer has .* entries but the text tower"):
         ContrastiveModel(clip, spec, GalenTextEncoder(Bigger(), spec.context_length))
@@ -269,7 +269,7 @@ def test_zero_shot_probabilities(micro):
 
 
 def test_retrieval_index_round_trip_and_mismatch(micro, tmp_path, demo_tokenizer):
-    from model.contrastive import RetrievalIndex
+    from galen.model.contrastive import RetrievalIndex
 
     images = [_png(k) for k in range(4)]
     captions = ["a nodule", "an effusion", "a normal chest", "an enlarged heart"]

@@ -7,9 +7,17 @@ import random
 import pytest
 import torch
 
-from model.decoding import (CandidateTrie, GenerationConfig, TokenLattice, _banned_ngram_tokens, answer_closed_set,
-                            closed_set_answers, generate, score_candidates)
-from model.errors import GalenInputError
+from galen.model.decoding import (
+    CandidateTrie,
+    GenerationConfig,
+    TokenLattice,
+    _banned_ngram_tokens,
+    answer_closed_set,
+    closed_set_answers,
+    generate,
+    score_candidates,
+)
+from galen.model.errors import GalenInputError
 from tests.conftest import nano
 from tests.model.test_generalist import ids
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from model.config import REFERENCE_PARAMS, SIZES, GalenConfig, get_config
-from model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
-from model.generalist import GalenModel, linear_drop_path
-from model.positions import code_position_ids, image_relative_buckets, token_relative_buckets
+from galen.model.config import REFERENCE_PARAMS, SIZES, GalenConfig, get_config
+from galen.model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
+from galen.model.generalist import GalenModel, linear_drop_path
+from galen.model.positions import code_position_ids, image_relative_buckets, token_relative_buckets
 from tests.conftest import REFERENCE_CHECK, nano
 
 V = 1200

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.image_codes import encode_image_codes, train_image_codes
-from flows.ingest.schema import Record, ShardWriter, image_sha1
-from model.errors import GalenConfigError, GalenInputError
-from model.image_codes import (
+from galen.flows.image_codes import encode_image_codes, train_image_codes
+from galen.flows.ingest.schema import Record, ShardWriter, image_sha1
+from galen.model.errors import GalenConfigError, GalenInputError
+from galen.model.image_codes import (
     CODEBOOK_FILE,
     IMAGE_CODES_JSON,
     ImageCodeTokenizer,
@@ -31,7 +31,7 @@ from model.image_codes import (
     reconstruction_error,
     unpatchify,
 )
-from model.tokenizer import GalenTokenizer
+from galen.model.tokenizer import GalenTokenizer
 
 
 def smooth_images(n: int, seed: int = 0, size: int = 128) -> torch.Tensor:
@@ -401,7 +401,7 @@ def shards(tmp_path_factory) -> tuple[Path, list[bytes]]:
     out = tmp_path_factory.mktemp("shards")
     images = [_png(_photo(rng, h, w)) for h, w in [(200, 160), (256, 256), (96, 120), (300, 300), (180, 240), (64, 64)]]
     val = _png(_photo(rng, 150, 150))
-    gray = _png((_photo(rng, 100, 100)[..., 0]))
+    gray = _png(_photo(rng, 100, 100)[..., 0])
     with ShardWriter(out, rows_per_shard=4) as w:
         for i, img in enumerate(images + [gray]):
             w.write(Record(task="vqa", split="train", dataset="demo", source_id=f"q{i}", target="yes",

@@ -11,11 +11,18 @@ import sys
 import pytest
 import torch
 
-from model.config import REFERENCE_PARAMS, SIZES, get_config
-from model.errors import GalenCheckpointError
-from model.generalist import GalenModel
-from model.interop import (export_hf_ofa, fairseq_to_hf_key, galen_to_hf_key, hf_to_fairseq_key,
-                           import_reference, infer_config, read_torch_file)
+from galen.model.config import REFERENCE_PARAMS, SIZES, get_config
+from galen.model.errors import GalenCheckpointError
+from galen.model.generalist import GalenModel
+from galen.model.interop import (
+    export_hf_ofa,
+    fairseq_to_hf_key,
+    galen_to_hf_key,
+    hf_to_fairseq_key,
+    import_reference,
+    infer_config,
+    read_torch_file,
+)
 from tests.conftest import REFERENCE_CHECK, load_reference_case
 
 

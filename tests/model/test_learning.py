@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from flows.ingest import get_format
-from flows.learn_check import learn_check
-from model.config import get_config
-from model.generalist import GalenModel
+from galen.flows.ingest import get_format
+from galen.flows.learn_check import learn_check
+from galen.model.config import get_config
+from galen.model.generalist import GalenModel
 
 
 def test_tiny_model_overfits_a_handful_of_image_question_answer_triples(demo_vqa, demo_tokenizer):

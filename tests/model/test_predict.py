@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.errors import GalenInputError
-from model.predict import GalenPredictor, PredictConfig, Prediction
-from model.vision import decode_dicom, display_pixels, load_image
+from galen.model.errors import GalenInputError
+from galen.model.predict import GalenPredictor, PredictConfig, Prediction
+from galen.model.vision import decode_dicom, load_image
 from tests.conftest import nano
 
 SHORT = {"vqa": {"beam_size": 2, "max_length": 6}, "caption": {"beam_size": 2, "max_length": 8},
@@ -93,7 +93,7 @@ def test_dicom_served_is_the_image_ingest_trained_on(tmp_path):
     """Serving must see a scan exactly as training saw it: decode_dicom(bytes) == the PNG ingest wrote."""
     from PIL import Image
 
-    from flows.ingest.dicom import read
+    from galen.flows.ingest.dicom import read
 
     for photometric in ("MONOCHROME1", "MONOCHROME2"):
         folder = tmp_path / photometric
@@ -290,7 +290,7 @@ def test_prediction_to_dict_keeps_only_what_the_task_has():
 
 
 def test_token_lattice_allows_one_token_per_position_then_eos():
-    from model.decoding import TokenLattice
+    from galen.model.decoding import TokenLattice
 
     lattice = TokenLattice([[5, 6], [7]], eos_id=2)
     assert sorted(lattice.root) == [5, 6] and lattice.root[5] is lattice.root[6]   # levels are shared

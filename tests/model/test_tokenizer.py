@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.errors import GalenTokenizerError
-from model.tokenizer import (
+from galen.model.errors import GalenTokenizerError
+from galen.model.tokenizer import (
     TEXT_TOKENIZER_KINDS,
     GalenTokenizer,
     SentencePieceText,

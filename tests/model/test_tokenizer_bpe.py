@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import regex
 
-from model.errors import GalenTokenizerError
-from model.tokenizer import (
+from galen.model.errors import GalenTokenizerError
+from galen.model.tokenizer import (
     FAIRSEQ_DICT_FILE,
     GPT2_BPE_FILES,
     TEXT_TOKENIZER_KINDS,
@@ -26,6 +26,7 @@ from model.tokenizer import (
     GPT2BPEText,
     TextTokenizer,
 )
+from tests.conftest import REFERENCE_CHECK, load_script
 
 # ----------------------------------------------------------------------------- reference BPE
 _GPT2_SPLIT = regex.compile(
@@ -33,18 +34,7 @@ _GPT2_SPLIT = regex.compile(
 )
 
 
-def byte_symbols() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: visible Latin-1 bytes stay, others move to 256+."""
-    table = {b: chr(b) for b in [*range(33, 127), *range(161, 173), *range(174, 256)]}
-    shifted = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-B2S = byte_symbols()
+B2S = load_script(REFERENCE_CHECK / "make_bpe.py").byte_symbols()
 S2B = {s: b for b, s in B2S.items()}
 
 

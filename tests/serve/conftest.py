@@ -72,12 +72,12 @@ class Registry:
     config: Any  # flows.registry.RegistryConfig
 
     def promote(self, version: str) -> str:
-        from flows.registry import promote
+        from galen.flows.registry import promote
 
         return promote(self.config, version=version, uri=self.uri).message
 
     def aliases(self) -> dict[str, str]:
-        from flows.registry import aliases
+        from galen.flows.registry import aliases
 
         return {k: str(v) for k, v in aliases(self.config, uri=self.uri).items()}
 
@@ -87,11 +87,11 @@ def registry(tmp_path_factory, demo_tokenizer) -> Registry:
     """galen-generalist versions 1 and 2 (random nano models, seeds 0 and 1) registered by
     flows.registry from evaluation runs (metrics + label sets) as the pyfunc with the model folder
     as artifact; `champion` -> 1."""
-    from flows.cli import main
-    from flows.params import load_params
     from mlflow import MlflowClient
 
-    from flows.registry import MetricRule, RegistryConfig, register
+    from galen.flows.cli import main
+    from galen.flows.params import load_params
+    from galen.flows.registry import MetricRule, RegistryConfig, register
 
     root = tmp_path_factory.mktemp("serve_registry")
     demo_tokenizer.save(root / "tokenizer")
@@ -156,7 +156,7 @@ def server(registry, tmp_path_factory) -> Server:
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for attempt in range(1, STARTS + 1):
         port, ready, log = free_port(), root / f"ready-{attempt}", root / f"serve-{attempt}.log"
-        cmd = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--params", str(root / "params.yaml"),
+        cmd = [sys.executable, "-m", "galen.flows.cli", "serve", "--port", str(port), "--params", str(root / "params.yaml"),
                "--num-cpus", "2", "--ready-file", str(ready)]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,

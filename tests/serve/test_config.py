@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from model.errors import GalenInputError
-from serve.settings import ServeSettings
+from galen.model.errors import GalenInputError
+from galen.serve.settings import ServeSettings
 from tests.serve.conftest import ROOT
 
 
@@ -43,7 +43,7 @@ def test_serve_config_is_one_serve_deploy_accepts():
 
     cfg = ServeDeploySchema.model_validate(serve_config())
     (app,) = cfg.applications
-    assert app.import_path == "serve.app:build_app" and app.route_prefix == "/"
+    assert app.import_path == "galen.serve.app:build_app" and app.route_prefix == "/"
     dep, clip = app.deployments
     assert clip.name == "GalenContrastive" and clip.autoscaling_config["min_replicas"] >= 1
     assert dep.name == "GalenGeneralist" and dep.user_config == {"model_name": "galen-generalist", "alias": "champion"}
@@ -66,7 +66,7 @@ def test_rayservice_embeds_the_same_application():
 
 
 def test_build_app_binds_the_deployment_with_settings_from_params(monkeypatch, tmp_path):
-    from serve.app import app_from_config, build_app, load_serve_config
+    from galen.serve.app import app_from_config, build_app, load_serve_config
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(ROOT)
@@ -87,7 +87,7 @@ def test_build_app_binds_the_deployment_with_settings_from_params(monkeypatch, t
 
 
 def test_openapi_documents_json_and_multipart_bodies():
-    from serve.app import app
+    from galen.serve.app import app
 
     doc = app.openapi()
     vqa = doc["paths"]["/v1/vqa"]["post"]

@@ -19,9 +19,9 @@ CLIP = "galen-clip"
 @pytest.fixture(scope="module")
 def clip_model(registry, demo_tokenizer, tmp_path_factory):
     """galen-clip version 1 (champion): a random micro model with the demo tokenizer."""
-    from flows.params import load_params
-    from flows.registry import CONTRASTIVE, MetricRule, RegistryConfig, promote, register
-    from model.contrastive import ContrastiveModel
+    from galen.flows.params import load_params
+    from galen.flows.registry import CONTRASTIVE, MetricRule, RegistryConfig, promote, register
+    from galen.model.contrastive import ContrastiveModel
 
     root = tmp_path_factory.mktemp("clip_registry")
     model = ContrastiveModel.create("micro", demo_tokenizer, seed=0)

@@ -12,7 +12,7 @@ from tests.serve.conftest import NAME, Registry
 
 @pytest.fixture
 def replica_class():
-    from serve.app import GalenGeneralist
+    from galen.serve.app import GalenGeneralist
 
     # the user class under Serve's ingress wrapper (which needs a running replica)
     return next(c for c in GalenGeneralist.func_or_class.__mro__ if c.__name__ == "GalenGeneralist"
