@@ -518,16 +518,16 @@ def cmd_clip_index(args: argparse.Namespace) -> None:
 def cmd_clip_embed(args: argparse.Namespace) -> None:
     from galen.model.contrastive import ContrastiveModel
 
-    model = ContrastiveModel.from_pretrained(args.model)
+    if args.labels and not args.image:
+        raise GalenInputError("zero-shot classification (--labels) needs --image")
+    if not args.labels and bool(args.image) == bool(args.text):
+        raise GalenInputError("give exactly one of --image or --text (or --image with --labels)")
+    model = ContrastiveModel.from_pretrained(args.model)  # after the checks: loading takes seconds
     if args.labels:
-        if not args.image:
-            raise GalenInputError("zero-shot classification (--labels) needs --image")
         probs = model.classify([Path(args.image).read_bytes()], args.labels)[0]
         for label, p in sorted(zip(args.labels, probs.tolist()), key=lambda x: -x[1]):
             print(f"{p:.4f}  {label}")
         return
-    if bool(args.image) == bool(args.text):
-        raise GalenInputError("give exactly one of --image or --text (or --image with --labels)")
     emb = model.encode_images([Path(args.image).read_bytes()]) if args.image else model.encode_texts([args.text])
     print(json.dumps([round(x, 6) for x in emb[0].tolist()]))
 
