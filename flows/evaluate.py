@@ -36,12 +36,20 @@ from typing import Any
 from galen.flows.ingest.schema import Record, read_records
 from galen.flows.shards import shard_paths
 from galen.model.errors import GalenInputError
-from galen.model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER, build_prompt, closed_answers, vqa_prompt
+from galen.model.tasks import (
+    EVALUATED_TASKS,
+    NLI_ANSWERS,
+    NLI_LABEL_TO_ANSWER,
+    build_prompt,
+    closed_answers,
+    vqa_prompt,
+)
+from galen.model.tasks import IMAGE_TASKS as ALL_IMAGE_TASKS
 
 log = logging.getLogger(__name__)
 
-EVAL_TASKS = ("vqa", "caption", "classification", "nli", "summarization", "grounding")
-IMAGE_TASKS = ("vqa", "caption", "classification", "grounding")
+EVAL_TASKS = EVALUATED_TASKS
+IMAGE_TASKS = tuple(t for t in EVALUATED_TASKS if t in ALL_IMAGE_TASKS)
 IOU_THRESHOLD = 0.5
 EXPERIMENT = "galen-evaluate"
 
@@ -301,15 +309,11 @@ def evaluate_task(predictor, task: str, records: Sequence[Record],
 
 def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Nested metrics -> {"vqa.accuracy": 0.7, "vqa.by_dataset.slake.accuracy": ...}: MLflow metric keys,
-    also the names params.yaml `registry.metrics` refers to."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(flat_metrics(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
-    return out
+    also the names params.yaml `registry.metrics` refers to. The finite numbers of `flatten`."""
+    from galen.flows.tracking import flatten
+
+    return {name: float(value) for name, value in flatten(metrics, prefix).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 def plot_confusion(labels: list[str], refs: list[str], preds: list[str], title: str, path: Path) -> Path:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.paths import tracking_uri
+from galen.flows.registry_lookup import error_code, get_alias, get_registered_model, get_version
 from galen.flows.tracking import MAX_TAG_VALUE_LENGTH, TrainingRun, flatten, lineage, sanitize_key
 from galen.model.errors import GalenCheckpointError, GalenInputError
 
@@ -126,12 +127,6 @@ def _client(uri: str | None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
-def _code(e: Exception) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    return e.error_code if isinstance(e, MlflowException) else None
-
-
 @contextlib.contextmanager
 def _mlflow_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (log_model, start_run, register_model) at `uri` for a block, then put
@@ -157,55 +152,13 @@ def _mlflow_uri(uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def get_registered_model(client, name: str, uri: str):
-    try:
-        return client.get_registered_model(name)
-    except Exception as e:
-        if _code(e) == "RESOURCE_DOES_NOT_EXIST":
-            raise GalenInputError(f"no registered model {name!r} in {uri}; register one with `galen register` "
-                                  "(or check the name and MLFLOW_TRACKING_URI)") from e
-        raise
-
-
-def get_alias(client, name: str, alias: str):
-    """The version an alias points to, or None when the alias is not set."""
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except Exception as e:
-        if _code(e) in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST") and "not found" in str(e).lower():
-            return None
-        raise
-
-
-def get_version(client, name: str, version: str | int | None = None, alias: str | None = None, *, uri: str):
-    """A version by number, by alias (which must exist), or the latest one."""
-    get_registered_model(client, name, uri)
-    if alias is not None:
-        mv = get_alias(client, name, alias)
-        if mv is None:
-            raise GalenInputError(f"registered model {name!r} has no alias {alias!r}; set aliases: "
-                                  f"{sorted(client.get_registered_model(name).aliases) or 'none'}")
-        return mv
-    if version is not None:
-        try:
-            return client.get_model_version(name, str(version))
-        except Exception as e:
-            if _code(e) == "RESOURCE_DOES_NOT_EXIST":
-                raise GalenInputError(f"registered model {name!r} has no version {version}") from e
-            raise
-    versions = client.search_model_versions(f"name='{name}'")
-    if not versions:
-        raise GalenInputError(f"registered model {name!r} has no versions; run `galen register` first")
-    return max(versions, key=lambda v: int(v.version))
-
-
 def run_metrics(client, run_id: str | None, what: str) -> dict[str, float]:
     if not run_id:
         raise GalenInputError(f"{what} has no source run, so no eval metrics; register it with `galen register`")
     try:
         run = client.get_run(run_id)
     except Exception as e:
-        if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+        if error_code(e) == "RESOURCE_DOES_NOT_EXIST":
             raise GalenInputError(f"the run {run_id} of {what} does not exist (deleted?); its metrics are gone") from e
         raise
     if not run.data.metrics:
@@ -345,7 +298,7 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
         try:
             run = client.get_run(run_id)
         except Exception as e:
-            if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+            if error_code(e) == "RESOURCE_DOES_NOT_EXIST":
                 raise GalenInputError(f"run {run_id} does not exist in {uri}; pass the run id `galen evaluate` "
                                       "wrote into its metrics file") from e
             raise
@@ -427,7 +380,7 @@ def verify_artifact(client, mv, uri: str) -> None:
             raise GalenCheckpointError(f"the artifact of {what} is missing or unreadable ({type(e).__name__}: "
                                        f"{str(e)[:300]}); register the model again") from e
         except Exception as e:
-            if _code(e) is None:
+            if error_code(e) is None:
                 raise
             raise GalenCheckpointError(f"the artifact of {what} cannot be downloaded ({str(e)[:300]}); register "
                                        "the model again") from e
@@ -469,7 +422,7 @@ class AliasLock:
                 self.held = True
                 return self
             except Exception as e:
-                if _code(e) != "RESOURCE_ALREADY_EXISTS" and "database is locked" not in str(e):
+                if error_code(e) != "RESOURCE_ALREADY_EXISTS" and "database is locked" not in str(e):
                     raise
             holder = self._holder()
             if holder is not None and ((holder.tags or {}).get(ABANDONED_TAG) == "true"
@@ -487,7 +440,7 @@ class AliasLock:
         try:
             return self.client.get_registered_model(self.lock_name)
         except Exception as e:
-            if _code(e) == "RESOURCE_DOES_NOT_EXIST":
+            if error_code(e) == "RESOURCE_DOES_NOT_EXIST":
                 return None
             raise
 

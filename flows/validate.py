@@ -26,10 +26,8 @@ from PIL import Image
 
 from galen.flows.ingest.schema import ARROW_SCHEMA, Record, ShardWriter, image_sha1, read_records, to_row
 from galen.model.errors import GalenInputError
-from galen.model.tasks import NLI_ANSWERS
+from galen.model.tasks import BOX_TASKS, IMAGE_TASKS, NLI_ANSWERS
 
-IMAGE_TASKS = {"vqa", "caption", "classification", "grounding", "detection"}
-BOX_TASKS = {"grounding", "detection"}  # [x0, y0, x1, y1] pixel boxes of the record's image are the answer
 TEXT_FIELDS = ("question", "text", "premise", "hypothesis")
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}  # which copy of a leaked image survives
 

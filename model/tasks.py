@@ -25,6 +25,14 @@ PROMPTS: dict[str, str] = {
 }
 TASKS: tuple[str, ...] = ("vqa", *PROMPTS)
 
+# The task lists, once: what a dataset record can hold, which of those carry an image or boxes,
+# and which the model is fine-tuned, evaluated and served on.
+RECORD_TASKS: tuple[str, ...] = ("vqa", "caption", "classification", "nli", "summarization", "grounding",
+                                 "detection", "text_infilling")
+IMAGE_TASKS: tuple[str, ...] = ("vqa", "caption", "classification", "grounding", "detection")
+BOX_TASKS: tuple[str, ...] = ("grounding", "detection")  # [x0, y0, x1, y1] pixel boxes are the answer
+EVALUATED_TASKS: tuple[str, ...] = ("vqa", "caption", "classification", "nli", "summarization", "grounding")
+
 # Closed answer sets fixed by the task itself (others come from the dataset).
 YES_NO: tuple[str, ...] = ("yes", "no")
 NLI_ANSWERS: tuple[str, ...] = ("maybe", "yes", "no")

@@ -84,13 +84,18 @@ def resolve(settings: ServeSettings, uri: str) -> ModelRef:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from galen.flows.registry_lookup import get_alias
+
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        mv = client.get_model_version_by_alias(settings.model_name, settings.alias)
-    except MlflowException as e:
+        mv = get_alias(client, settings.model_name, settings.alias)
+    except MlflowException as e:  # e.g. the store is unreachable or holds no such model
         raise ModelUnavailable(f"no version of {settings.model_name!r} has alias {settings.alias!r} in {uri} "
                                f"({e.error_code}); register one and set the alias (galen register / promote)") \
             from e
+    if mv is None:
+        raise ModelUnavailable(f"no version of {settings.model_name!r} has alias {settings.alias!r} in {uri}; "
+                               "register one and set the alias (galen register / promote)")
     return ModelRef(settings.model_name, str(mv.version), settings.alias, mv.run_id, mv.source)
 
 

@@ -22,10 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from galen.model.errors import GalenInputError
+from galen.model.tasks import RECORD_TASKS
 
 SPLITS = ("train", "val", "test")
 ROW_GROUP_ROWS = 256  # Parquet row groups: the unit of parallel work for later stages
-TASKS = ("vqa", "caption", "classification", "nli", "summarization", "grounding", "detection", "text_infilling")
+TASKS = RECORD_TASKS
 
 
 @dataclass

@@ -29,7 +29,15 @@ from galen.flows.ingest.schema import Record, image_sha1
 from galen.model.decoding import CandidateTrie
 from galen.model.errors import GalenInputError
 from galen.model.image_codes import PrecomputedCodes
-from galen.model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER, YES_NO, build_prompt, closed_answers, vqa_prompt
+from galen.model.tasks import (
+    NLI_ANSWERS,
+    NLI_LABEL_TO_ANSWER,
+    RECORD_TASKS,
+    YES_NO,
+    build_prompt,
+    closed_answers,
+    vqa_prompt,
+)
 from galen.model.tokenizer import GalenTokenizer
 from galen.model.vision import preprocess_images
 
@@ -38,8 +46,7 @@ DEFAULT_MAX_TARGET = 128
 CODE_IMAGE_SIZE = 128          # side of the masked middle region (OFA: 128 of a 256 image)
 MASK_RATIO = 0.3               # text infilling: fraction of words masked (BART/OFA)
 POISSON_LAMBDA = 3.0           # text infilling: span lengths ~ Poisson(3)
-FINETUNE_TASKS = ("vqa", "caption", "classification", "nli", "summarization", "grounding", "detection",
-                  "text_infilling")
+FINETUNE_TASKS = RECORD_TASKS  # a record of any task makes a fine-tuning example
 
 ImageCodes = Mapping[str, Sequence[int]] | PrecomputedCodes
 

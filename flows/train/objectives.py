@@ -34,6 +34,7 @@ from galen.flows.train.examples import (
     text_infilling_example,
 )
 from galen.model.errors import GalenInputError
+from galen.model.tasks import EVALUATED_TASKS
 from galen.model.tokenizer import GalenTokenizer
 
 # objective -> the shard tasks whose records can feed it (in order of preference)
@@ -48,7 +49,7 @@ PRETRAIN_SOURCES: dict[str, tuple[str, ...]] = {
     "text_infilling": ("summarization", "nli", "caption"),
     "image_infilling": ("caption", "vqa", "classification", "grounding"),
 }
-FINETUNE_OBJECTIVES: tuple[str, ...] = ("vqa", "caption", "classification", "nli", "summarization", "grounding")
+FINETUNE_OBJECTIVES: tuple[str, ...] = EVALUATED_TASKS
 # Objectives (of either stage) that read a subset of one task's shards, so that it can get its own weight:
 # objective (= its source) -> (task, column, value kept). Closed-ended questions answer in one or two
 # tokens, so under a token-averaged loss they get ~1% of a mixed batch's gradient unless weighted.
