@@ -442,6 +442,13 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(rollback(cfg).message)
 
 
+def cmd_summary(args: argparse.Namespace) -> None:
+    from galen.flows.summary import build_summary
+
+    print(build_summary(args.metrics_dir, shards_dir=args.shards, model_dir=args.model,
+                        clip_model_dir=args.clip_model), end="")
+
+
 # -- contrastive model -----------------------------------------------------------------------------
 def cmd_clip_train(args: argparse.Namespace) -> None:
     from galen.flows.params import load_params
@@ -754,6 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
     rb.add_argument("--params", default="params.yaml")
     rb.set_defaults(func=cmd_rollback)
+
+    su = sub.add_parser("summary", help="one short table of a pipeline run: per task the held-out result beside "
+                        "chance / majority, the registered versions, where the model and the MLflow UI are")
+    su.add_argument("--metrics-dir", default="metrics", help="folder of the metrics files dvc.yaml writes")
+    su.add_argument("--shards", default="data/shards", help="the shards (answer types of the VQA test split)")
+    su.add_argument("--model", default="artifacts/model", help="the generalist model folder")
+    su.add_argument("--clip-model", default="artifacts/clip_model", help="the contrastive model folder")
+    su.set_defaults(func=cmd_summary)
     _clip_parsers(sub)
     sv = sub.add_parser("serve", help="serve the registered model over HTTP on an embedded Ray (Ray Serve; "
                         "settings: serve/config.yaml and params.yaml serve)")
