@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -17,12 +17,15 @@ from safetensors.torch import load_file, save_file
 from galen.model.config import GalenConfig
 from galen.model.errors import GalenCheckpointError
 
+if TYPE_CHECKING:  # for annotations only; the runtime import stays inside load_model
+    from galen.model.generalist import GalenModel
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_TAG = {"format": "pt", "galen_format": "generalist", "galen_format_version": "1"}
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None,
+def save_pretrained(model: GalenModel, directory: str | Path, tokenizer: Any = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write config, safetensors weights and (optionally) the tokenizer files into `directory`;
     `dtype` casts the floating-point tensors (fp32 weights from a model trained in bf16)."""
@@ -58,7 +61,7 @@ def load_config(directory: str | Path) -> GalenConfig:
                                                      "its weights; copy it from where the model was saved"))
 
 
-def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> GalenModel:
     """Build the model from `config.json` and load `model.safetensors` strictly."""
     from galen.model.generalist import GalenModel
 

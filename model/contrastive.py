@@ -24,12 +24,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from galen.model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
+
+if TYPE_CHECKING:  # open_clip is imported lazily at run time (and ships no type hints: these are Any to mypy)
+    from open_clip import CLIP, CustomTextCLIP
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -130,7 +133,7 @@ def get_spec(name: str, tokenizer: Any = None) -> ClipSpec:
     return ClipSpec(name, cfg, tokenizer="galen")
 
 
-def build_clip(spec: ClipSpec) -> torch.nn.Module:
+def build_clip(spec: ClipSpec) -> CLIP | CustomTextCLIP:
     """An open_clip model for `spec`, randomly initialised. An HF text tower is built from
     `spec.hf_text_config` through a temporary local config folder (transformers reads a folder
     offline), then the config keeps the tower's public name."""
@@ -243,7 +246,7 @@ class ContrastiveModel:
     classification and similarity, batched; the one inference API that evaluation, the pyfunc
     model and serving use."""
 
-    def __init__(self, clip: torch.nn.Module, spec: ClipSpec, text_encoder: Any) -> None:
+    def __init__(self, clip: CLIP | CustomTextCLIP, spec: ClipSpec, text_encoder: Any) -> None:
         from open_clip.transform import image_transform
 
         self.clip, self.spec, self.text_encoder = clip.eval(), spec, text_encoder
@@ -427,6 +430,7 @@ def load_file_state(path: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights of a file: safetensors, or a torch file through the weights-only unpickler."""
+    state: Any  # whatever the file holds; checked below
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

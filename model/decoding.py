@@ -65,9 +65,10 @@ class CandidateTrie:
     def node(self, prefix: Sequence[int]) -> dict[int, dict] | None:
         node = self.root
         for tok in prefix:
-            node = node.get(tok)
-            if node is None:
+            child = node.get(tok)
+            if child is None:
                 return None
+            node = child
         return node
 
     def allowed(self, prefix: Sequence[int]) -> list[int]:
@@ -322,7 +323,9 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Constrai
     scores = torch.full((batch, beam), NEG_INF, device=device)
     scores[:, 0] = 0.0
     prefixes: list[list[int]] = [[] for _ in range(batch * beam)]
-    nodes = [tries[s] and tries[s].root for s in range(batch) for _ in range(beam)]
+    # (a CandidateTrie is never empty, so `None if t is None` is the same test as `t and ...`)
+    nodes: list[dict[int, dict] | None] = [None if (t := tries[s]) is None else t.root
+                                           for s in range(batch) for _ in range(beam)]
     active = list(range(batch))                  # sample ids of the current row groups
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
 
@@ -332,13 +335,13 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Constrai
         lprobs = _apply_rules(logits, model, prefixes, nodes, step, cfg, None if columns is None else columns[1])
         vocab = lprobs.shape[-1]  # the vocabulary, or the columns of this step
         cand = (scores.view(-1, beam, 1) + lprobs.view(-1, beam, vocab)).view(len(active), -1)
-        top_scores, top_idx = cand.topk(min(2 * beam, cand.shape[1]), dim=1)
-        top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
+        top = cand.topk(min(2 * beam, cand.shape[1]), dim=1)
+        top_scores, top_idx = top.values.tolist(), top.indices.tolist()
 
         keep_rows, keep_tokens, keep_scores, next_active = [], [], [], []
         exact = cfg.length_penalty == 0.0  # scores only fall with length: an exact stopping bound exists
         for group, sample in enumerate(active):
-            chosen = []
+            chosen: list[tuple[int, int, float]] = []
             for rank, (score, flat) in enumerate(zip(top_scores[group], top_idx[group])):
                 if score == NEG_INF:
                     break
@@ -371,7 +374,7 @@ def _beam_search(model: GalenModel, encoder: EncoderOutput, tries: list[Constrai
         state.reorder(index, static)
         tokens = torch.cat([tokens.index_select(0, index), torch.tensor(keep_tokens, device=device)[:, None]], 1)
         prefixes = [prefixes[r] + [t] for r, t in zip(keep_rows, keep_tokens)]
-        nodes = [None if nodes[r] is None else nodes[r].get(t, {}) for r, t in zip(keep_rows, keep_tokens)]
+        nodes = [None if (n := nodes[r]) is None else n.get(t, {}) for r, t in zip(keep_rows, keep_tokens)]
         scores = torch.tensor(keep_scores, device=device).view(len(next_active), beam)
         active = next_active
 

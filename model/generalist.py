@@ -16,8 +16,10 @@ Parameter names follow the transformers port of OFA, so checkpoint import is a s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +146,14 @@ def _type_id(kind: int, device: torch.device) -> torch.Tensor:
 class Encoder(nn.Module):
     """Image patches then text tokens through a bidirectional transformer."""
 
+    # set by add_position_tables (declared for type checkers: nn.Module.__getattr__ is untyped)
+    embed_positions: nn.Embedding
+    embed_image_positions: nn.Embedding
+    pos_ln: nn.LayerNorm
+    image_pos_ln: nn.LayerNorm
+    token_rel_pos_table_list: nn.ModuleList
+    image_rel_pos_table_list: nn.ModuleList
+
     def __init__(self, cfg: GalenConfig, buckets: RelativeBuckets):
         super().__init__()
         self.cfg, d, heads = cfg, cfg.d_model, cfg.attention_heads
@@ -187,6 +197,7 @@ class Encoder(nn.Module):
         if input_ids is not None:
             num_text = input_ids.shape[1]
             text_pos = self.embed_positions(torch.arange(num_text, device=input_ids.device))
+            assert token_embeddings is not None, "token_embeddings come with input_ids (GalenModel.encode)"
             x_txt = token_embeddings
             if self.cfg.encoder_entangle_positions:
                 x_txt = x_txt + text_pos
@@ -203,9 +214,9 @@ class Encoder(nn.Module):
         image_buckets = buckets.image_block(image_ids) if num_image else None
         for idx, layer in enumerate(self.layers):
             rel = torch.zeros_like(abs_bias[0])
-            if num_text:
+            if text_buckets is not None:  # i.e. num_text
                 rel[:, num_image:, num_image:] = relative_bias(self.token_rel_pos_table_list[idx], text_buckets)
-            if num_image:
+            if image_buckets is not None:  # i.e. num_image
                 rel[:, :num_image, :num_image] = relative_bias(self.image_rel_pos_table_list[idx], image_buckets)
             x = layer(x, _masked(abs_bias + rel, padding))
         return EncoderOutput(self.layer_norm(x), padding, pos, num_image)
@@ -260,13 +271,14 @@ class DecoderCache:
         bias); None means the row-to-sample layout is unchanged, so nothing static is copied —
         beams only move within their own sample. Biases with a batch dimension of 1 are shared.
         """
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t.index_select(0, static_index) if t.shape[0] > 1 else t
-
         for lst in (self.self_k, self.self_v):
             lst[:] = [t.index_select(0, index) for t in lst]
         if static_index is None:
             return
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, static_index) if t.shape[0] > 1 else t
+
         self.encoder = self.encoder.index_select(static_index)
         self.code_masks = None if self.code_masks is None else self.code_masks.index_select(0, static_index)
         for lst in (self.cross_k, self.cross_v):
@@ -277,6 +289,14 @@ class DecoderCache:
 
 class Decoder(nn.Module):
     """Causal transformer over target tokens, cross-attending to the encoder output."""
+
+    # set by add_position_tables (declared for type checkers: nn.Module.__getattr__ is untyped)
+    embed_positions: nn.Embedding
+    embed_image_positions: nn.Embedding
+    pos_ln: nn.LayerNorm
+    image_pos_ln: nn.LayerNorm
+    token_rel_pos_table_list: nn.ModuleList
+    image_rel_pos_table_list: nn.ModuleList
 
     def __init__(self, cfg: GalenConfig, buckets: RelativeBuckets):
         super().__init__()
@@ -298,10 +318,12 @@ class Decoder(nn.Module):
             return self.embed_image_positions(self.buckets[0].code_positions[:length].to(device))
         return self.embed_positions(torch.arange(length, device=device))
 
-    def _by_code_mask(self, text: torch.Tensor, code: torch.Tensor | None, code_masks: torch.Tensor | None):
+    def _by_code_mask(self, text: torch.Tensor, code: torch.Tensor | None, code_masks: torch.Tensor | None
+                      ) -> torch.Tensor:
         """Per sample: the image-position version for code targets, the text version otherwise."""
         if code is None:
             return text
+        assert code_masks is not None, "a code version is only made when code_masks has a code target"
         if bool(code_masks.all()):
             return code
         return torch.where(code_masks.view(-1, *([1] * (text.dim() - 1))), code, text)
@@ -314,7 +336,8 @@ class Decoder(nn.Module):
         txt_pos = self.pos_ln(self._raw_positions(length, device, code=False))[None]
         self_txt = self.self_abs_pos(txt_pos, txt_pos)
         cross_txt = self.cross_abs_pos(txt_pos, encoder.positions)
-        self_img = cross_img = None
+        self_img: torch.Tensor | None = None
+        cross_img: torch.Tensor | None = None
         if any_code:
             img_pos = self.image_pos_ln(self._raw_positions(length, device, code=True))[None]
             self_img = self.self_abs_pos(img_pos, img_pos)
@@ -325,7 +348,8 @@ class Decoder(nn.Module):
         self_biases = []
         for idx in range(len(self.layers)):
             text = self_txt + relative_bias(self.token_rel_pos_table_list[idx], txt_buckets)
-            code = None if not any_code else self_img + relative_bias(self.image_rel_pos_table_list[idx], img_buckets)
+            code = None if self_img is None else (  # self_img is None iff not any_code
+                self_img + relative_bias(self.image_rel_pos_table_list[idx], img_buckets))
             self_biases.append(self._by_code_mask(text, code, code_masks))
         cross = _masked(self._by_code_mask(cross_txt, cross_img, code_masks), encoder.padding_mask)
         return self_biases, cross
@@ -353,7 +377,7 @@ class Decoder(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=decoder_input_ids.device).triu(1)
         key_padding = decoder_input_ids.eq(self.cfg.pad_id)
         x = self.embed(token_embeddings, 0, code_masks)
-        for idx, layer in enumerate(self.layers):
+        for idx, layer in enumerate(cast("Iterable[DecoderLayer]", self.layers)):
             self_bias = _masked(self_biases[idx].masked_fill(causal, torch.finfo(x.dtype).min), key_padding)
             x = layer(x, layer.self_attn.project_kv(layer.self_attn_layer_norm(x)), self_bias,
                       layer.cross_attn.project_kv(encoder.hidden), cross_bias)
@@ -366,7 +390,7 @@ class Decoder(nn.Module):
         self_biases, cross_bias = self.position_biases(max_length, encoder, code_masks)
         shape = (batch, self.cfg.attention_heads, max_length, self.cfg.head_dim)
         dtype, device = encoder.hidden.dtype, encoder.hidden.device
-        cross = [layer.cross_attn.project_kv(encoder.hidden) for layer in self.layers]
+        cross = [layer.cross_attn.project_kv(encoder.hidden) for layer in cast("Iterable[DecoderLayer]", self.layers)]
         return DecoderCache(
             encoder=encoder, code_masks=code_masks,
             self_k=[torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers],
@@ -382,7 +406,7 @@ class Decoder(nn.Module):
             raise GalenInputError(f"decoding past the cache length {cache.max_length}; raise max_length")
         x = self.embed(token_embeddings, start, cache.code_masks)
         causal = torch.ones(n, end, dtype=torch.bool, device=x.device).triu(start + 1)
-        for idx, layer in enumerate(self.layers):
+        for idx, layer in enumerate(cast("Iterable[DecoderLayer]", self.layers)):
             k_new, v_new = layer.self_attn.project_kv(layer.self_attn_layer_norm(x))
             cache.self_k[idx][:, :, start:end] = k_new
             cache.self_v[idx][:, :, start:end] = v_new

@@ -72,7 +72,7 @@ def middle_crop(image: Image.Image | bytes, size: int = DEFAULT_CODE_IMAGE_SIZE)
             return middle_crop(img, size)
     if not isinstance(image, Image.Image):
         raise GalenInputError(f"middle_crop needs a PIL image or encoded image bytes, got {type(image).__name__}")
-    img = image.convert("RGB").resize((2 * size, 2 * size), Image.BICUBIC)
+    img = image.convert("RGB").resize((2 * size, 2 * size), Image.Resampling.BICUBIC)
     lo = size // 2
     return np.asarray(img.crop((lo, lo, lo + size, lo + size)), dtype=np.uint8).copy()
 
@@ -419,8 +419,8 @@ class KMeansPatchCodes(ImageCodeTokenizer):
                                    f"projection, got {tuple(centroids.shape)}")
         if (feature_mean is None) != (feature_std is None):
             raise GalenConfigError("feature_mean and feature_std come together (or neither)")
-        if feature_mean is not None and (feature_mean.shape != (dim,) or feature_std.shape != (dim,)
-                                         or bool((feature_std <= 0).any())):
+        if feature_mean is not None and feature_std is not None and (  # both or neither (checked above)
+                feature_mean.shape != (dim,) or feature_std.shape != (dim,) or bool((feature_std <= 0).any())):
             raise GalenConfigError(f"feature_mean/feature_std must be ({dim},) with positive std")
         for name, t in (("centroids", centroids), ("patch_centroids", patch_centroids)):
             if not torch.isfinite(t).all():

@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from galen.model.checkpoint import load_state_strict
 from galen.model.config import REFERENCE_PARAMS, SIZES, GalenConfig
 from galen.model.errors import GalenCheckpointError
 from galen.model.positions import code_position_ids, image_relative_buckets, token_relative_buckets
+
+if TYPE_CHECKING:  # for annotations only; the runtime import stays local, as in import_reference
+    from galen.model.generalist import GalenModel
 
 # Keys that only an OFA/BiomedGPT generalist has: used to tell "another architecture" apart.
 SIGNATURE_KEYS = ("encoder.embed_images.conv1.weight", "encoder.image_proj.weight", "encoder.embed_tokens.weight",
@@ -179,7 +182,7 @@ def infer_config(hf_state: Mapping[str, torch.Tensor], meta: Any) -> GalenConfig
     if _meta_value(meta, "sync_bn", default=False):
         raise GalenCheckpointError("the checkpoint was trained with --sync-bn, whose BatchNorm layers use eps 1e-3; "
                                    "Galen's backbone uses the standard 1e-5 and would compute something else")
-    fields = dict(
+    fields: dict[str, Any] = dict(
         vocab_size=int(vocab), d_model=int(d_model), attention_heads=int(heads),
         encoder_layers=_count(hf_state, r"^encoder\.layers\.(\d+)\."),
         decoder_layers=_count(hf_state, r"^decoder\.layers\.(\d+)\."),
@@ -218,7 +221,7 @@ def _size_name(fields: Mapping[str, Any]) -> str:
 # -- import ----------------------------------------------------------------------------------------------------
 @dataclass
 class ImportedCheckpoint:
-    model: torch.nn.Module
+    model: GalenModel
     layout: str
     source: str
     used_ema: bool
@@ -368,7 +371,7 @@ def hf_config(cfg: GalenConfig) -> dict[str, Any]:
     }
 
 
-def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def to_hf_state(model: GalenModel) -> dict[str, torch.Tensor]:
     """Galen state -> transformers-OFA state, with the port's buffers and tied copies."""
     cfg: GalenConfig = model.cfg
     out = {galen_to_hf_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -384,7 +387,7 @@ def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf_ofa(model: torch.nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+def export_hf_ofa(model: GalenModel, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write a transformers-OFA-layout folder: config.json + pytorch_model.bin (+ tokenizer files)."""
     config = hf_config(model.cfg)  # refuse before writing anything
     out = Path(directory)
@@ -393,7 +396,7 @@ def export_hf_ofa(model: torch.nn.Module, directory: str | Path, tokenizer: Any 
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(out)
-        text = getattr(tokenizer, "text", None)
+        text: Any = getattr(tokenizer, "text", None)
         if hasattr(text, "save_hf"):  # GPT-2 BPE: also the port's vocab.json + merges.txt
             text.save_hf(out, tokenizer.num_codes, tokenizer.num_bins)
     return out

@@ -67,6 +67,11 @@ def code_position_ids(code_grid: int, bucket_grid: int, length: int) -> torch.Te
 class RelativeBuckets(nn.Module):
     """The bucket lookup tables, built once and shared by encoder and decoder (not saved)."""
 
+    # buffers registered in _build (declared for type checkers: nn.Module.__getattr__ is untyped)
+    token: torch.Tensor
+    image: torch.Tensor
+    code_positions: torch.Tensor
+
     def __init__(self, token_bucket_size: int, image_bucket_size: int, max_positions: int, code_grid: int):
         super().__init__()
         with torch.device("cpu"):  # real tables even when the model is built on the meta device
@@ -86,8 +91,8 @@ class RelativeBuckets(nn.Module):
         return self.image.index_select(0, ids_q).index_select(1, ids_k)
 
 
-def relative_bias(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
-    """(Tq, Tk) bucket ids -> (heads, Tq, Tk) bias."""
+def relative_bias(table: nn.Module, buckets: torch.Tensor) -> torch.Tensor:
+    """(Tq, Tk) bucket ids -> (heads, Tq, Tk) bias; `table` is an nn.Embedding(buckets, heads)."""
     return table(buckets).permute(2, 0, 1)  # called as a module: ZeRO-3 gathers its weight
 
 

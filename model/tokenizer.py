@@ -65,7 +65,7 @@ class TextTokenizer(Protocol):
     for unknown text) without bos/eos; `vocab_size` counts the 4 specials.
     """
 
-    kind: str
+    kind: ClassVar[str]  # registry key (TEXT_TOKENIZER_KINDS), read from the class
     vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...

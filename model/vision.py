@@ -8,6 +8,7 @@ each cell of the resulting grid as one token. The module keeps torchvision/timm 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,12 +28,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ResNetStages(nn.Module):
     """conv1 -> bn1 -> relu -> maxpool -> layer1..layer3 of a timm ResNet; no stage 4, no head."""
 
+    conv1: nn.Module
+    bn1: nn.Module
+    act1: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+
     def __init__(self, depths: Sequence[int], drop_path_rate: float = 0.0, freeze_batchnorm: bool = False):
         super().__init__()
-        full = ResNet(block=Bottleneck, layers=[*depths, 1], num_classes=0, global_pool="",
+        # timm 1.0 annotates `block` as an instance; it takes the block class (as timm's own models pass)
+        full = ResNet(block=Bottleneck, layers=(*depths, 1), num_classes=0, global_pool="",  # type: ignore[arg-type]
                       drop_path_rate=drop_path_rate)
         self.conv1, self.bn1, self.act1, self.maxpool = full.conv1, full.bn1, full.act1, full.maxpool
-        self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
+        # registered with add_module in timm, so typed Tensor | Module through nn.Module.__getattr__
+        self.layer1, self.layer2, self.layer3 = (cast(nn.Module, full.layer1), cast(nn.Module, full.layer2),
+                                                 cast(nn.Module, full.layer3))
         self.freeze_batchnorm = freeze_batchnorm
         if freeze_batchnorm:  # the reference's --freeze-resnet (FrozenBatchNorm2d): scale and shift fixed too
             for m in self.modules():
@@ -100,7 +112,7 @@ def preprocess_images(images: Sequence[Image.Image | np.ndarray], size: int,
             raise GalenInputError(f"image {i}: expected a PIL image or uint8 array, got {type(img).__name__}")
         if img.mode != "RGB":
             img = img.convert("RGB")
-        img = img.resize((size, size), Image.BICUBIC)
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
         out.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
     x = torch.stack(out).float() / 255.0
     m = torch.tensor(mean).view(1, 3, 1, 1)
