@@ -7,7 +7,6 @@ classifies an image zero-shot over `labels`; images are base64 strings.
 This file imports only `model`, MLflow and pydantic: it must load where Galen's pipeline code is absent.
 """
 
-import base64
 from typing import Any, Optional
 
 import mlflow.pyfunc
@@ -40,6 +39,7 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, model_input: list[ClipRequest], params: Optional[dict[str, Any]] = None) -> list[ClipResponse]:
         from galen.model.errors import GalenInputError
+        from galen.model.vision import decode_base64_image
 
         out = []
         for r in model_input:
@@ -49,7 +49,7 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
             if r.task not in ("embed_image", "zero_shot") or not r.image:
                 raise GalenInputError(f"task {r.task!r} needs an image (base64); tasks: embed_image, embed_text, "
                                       "zero_shot")
-            image = base64.b64decode(r.image)
+            image = decode_base64_image(r.image)
             if r.task == "embed_image":
                 out.append(ClipResponse(task=r.task, embedding=self.model.encode_images([image])[0].tolist()))
             else:

@@ -270,13 +270,15 @@ class ContrastiveModel:
                                    "import a BiomedCLIP folder with `galen clip import`")
         return cls(clip, spec, GalenTextEncoder(tokenizer, spec.context_length))
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """An open_clip local-dir folder: config, safetensors weights, tokenizer files."""
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """An open_clip local-dir folder: config, safetensors weights, tokenizer files. `dtype` casts
+        the floating-point tensors (fp32 weights from a model trained in bf16)."""
         from safetensors.torch import save_file
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in self.clip.state_dict().items()}
         for k in ("logit_scale", "logit_bias"):  # open_clip's layout: scalars
             if k in state:
                 state[k] = state[k].reshape(())

@@ -19,8 +19,6 @@ Every bad input raises `GalenInputError` saying what is wrong.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from galen.model.errors import GalenError, GalenInputError
 from galen.model.generalist import GalenModel
 from galen.model.tasks import NLI_ANSWERS, build_prompt, closed_answers, vqa_prompt
 from galen.model.tokenizer import GalenTokenizer
-from galen.model.vision import MAX_IMAGE_PIXELS, load_image, preprocess_images
+from galen.model.vision import MAX_IMAGE_PIXELS, decode_base64_image, load_image, preprocess_images
 
 BOX_BINS = 4
 _TRIE_CACHE_SIZE = 64
@@ -129,17 +127,6 @@ class Prediction:
         return out
 
 
-def _decode_base64(text: str) -> bytes:
-    """Images in JSON travel as base64 (a data: URL prefix is accepted)."""
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise GalenInputError(f"the image string is not valid base64 ({e}); send the file's bytes base64-encoded") \
-            from e
-
-
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise GalenInputError(f"{what} must be a string, got {type(value).__name__}")
@@ -214,7 +201,7 @@ class GalenPredictor:
     def load_image(self, image: Any) -> Image.Image:
         """PIL image, uint8 array, encoded bytes (PNG/JPEG/DICOM) or a base64 string -> PIL image."""
         if isinstance(image, str):
-            image = _decode_base64(image)
+            image = decode_base64_image(image, what="the image string")
         return load_image(image, self.config.max_image_pixels)
 
     def _images(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:

@@ -157,7 +157,7 @@ def clip_worker(config: dict) -> None:
     from galen.flows.tracking import TrainingRun
     from galen.flows.train.objectives import step_rng
     from galen.flows.train.streams import endless_rows, prefetched
-    from galen.flows.train.trainer import _save_state
+    from galen.flows.train.trainer import _save_state, save_final_model
     from galen.model.contrastive import ContrastiveModel
     from galen.model.losses import contrastive_loss
     from galen.model.tokenizer import GalenTokenizer
@@ -249,9 +249,9 @@ def clip_worker(config: dict) -> None:
                                   "samples_per_s": warm_samples * world / elapsed},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
     bar.close()
+    wrapper.clip = engine.module.eval()
+    save_final_model(engine.module, cfg.zero_stage, rank, lambda: wrapper.save_pretrained(cfg.out, dtype=torch.float32))
     if rank == 0:
-        wrapper.clip = engine.module.eval()
-        wrapper.save_pretrained(cfg.out)
         run.log_model_folder(cfg.out)
     run.close()
 

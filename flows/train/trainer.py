@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,19 +395,18 @@ def _save_state(directory: str, engine: Any, ema: Any, rank: int, state: dict) -
         (Path(directory) / "galen_state.json").write_text(json.dumps(state))
 
 
-def _save_final_model(engine: Any, model: Any, cfg: TrainConfig, tok: Any, rank: int) -> None:
-    """Rank 0 writes the Galen model folder (fp32; after bf16 training, the bf16 weights the model
-    ran with, like DeepSpeed's 16-bit export); under ZeRO-3 all ranks gather the partitions first."""
-    import torch
-
-    if cfg.zero_stage == 3:
+def save_final_model(module: Any, zero_stage: int, rank: int, write: Callable[[], None]) -> None:
+    """Both trainers' end: rank 0 calls `write` (which saves the model folder in fp32 — after bf16
+    training, the bf16 weights the model ran with, like DeepSpeed's 16-bit export); under ZeRO-3
+    every rank gathers the partitions of `module` first, so the folder holds whole tensors."""
+    if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if rank == 0:
-                model.save_pretrained(cfg.out, tok, dtype=torch.float32)
+                write()
     elif rank == 0:
-        engine.module.save_pretrained(cfg.out, tok, dtype=torch.float32)
+        write()
 
 
 def train_worker(config: dict) -> None:
@@ -550,7 +550,8 @@ def train_worker(config: dict) -> None:
     bar.close()
     if ema is not None:
         ema.swap()  # the saved model is the moving average
-    _save_final_model(engine, model, cfg, tok, rank)
+    save_final_model(engine.module, cfg.zero_stage, rank,
+                     lambda: engine.module.save_pretrained(cfg.out, tok, dtype=torch.float32))
     if rank == 0:
         run.log_model_folder(cfg.out)
     run.close()

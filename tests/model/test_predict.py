@@ -299,3 +299,28 @@ def test_token_lattice_allows_one_token_per_position_then_eos():
         TokenLattice([[5], []], eos_id=2)
     with pytest.raises(GalenInputError, match="eos id 2 cannot be"):
         TokenLattice([[2, 5]], eos_id=2)
+
+
+@pytest.mark.parametrize("text, max_bytes, code, words", [
+    ("iVBORw0KGgo$$$not-base64", None, "invalid_base64", "not valid base64"),
+    ("data:image/png,rawbytes", None, "invalid_base64", "data: URL without base64"),
+    ("", None, "invalid_image", "is empty"),
+    (base64.b64encode(b"x" * 4000).decode(), 1000, "image_too_large", "over the limit of 1,000 bytes"),
+])
+def test_the_one_request_image_decoder_names_what_is_wrong(text, max_bytes, code, words):
+    from galen.model.errors import GalenInputError
+    from galen.model.vision import ImageDecodeError, decode_base64_image
+
+    with pytest.raises(ImageDecodeError, match=words) as info:
+        decode_base64_image(text, max_bytes, what="image")
+    assert info.value.code == code and isinstance(info.value, GalenInputError)
+
+
+def test_the_request_image_decoder_takes_data_urls_and_line_breaks():
+    from galen.model.vision import decode_base64_image
+
+    data = bytes(range(256)) * 3
+    encoded = base64.b64encode(data).decode()
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+    assert decode_base64_image(encoded) == data
+    assert decode_base64_image(f"data:image/png;base64,{wrapped}", max_bytes=len(data)) == data
