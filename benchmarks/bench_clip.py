@@ -116,7 +116,7 @@ def training(args: argparse.Namespace, tmp: Path) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     os.chdir(ROOT)
     from galen.flows.params import load_params
-    from galen.flows.train.contrastive import load_clip_train_config, train_clip
+    from galen.flows.train.contrastive_trainer import load_clip_train_config, train_clip
 
     runs = []
     for r in range(args.train_repeats):

@@ -274,7 +274,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_image_codes_train(args: argparse.Namespace) -> None:
-    from galen.flows.image_codes import train_image_codes
+    from galen.flows.codebook import train_image_codes
     from galen.flows.params import load_params, section
 
     p = section(load_params(args.params), "image_codes")
@@ -286,7 +286,7 @@ def cmd_image_codes_train(args: argparse.Namespace) -> None:
 
 
 def cmd_image_codes_encode(args: argparse.Namespace) -> None:
-    from galen.flows.image_codes import encode_image_codes
+    from galen.flows.codebook import encode_image_codes
 
     summary = encode_image_codes(args.data, args.codes, args.out)
     print(f"wrote image codes to {args.out}: {summary}")
@@ -452,7 +452,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 # -- contrastive model -----------------------------------------------------------------------------
 def cmd_clip_train(args: argparse.Namespace) -> None:
     from galen.flows.params import load_params
-    from galen.flows.train.contrastive import load_clip_train_config, train_clip
+    from galen.flows.train.contrastive_trainer import load_clip_train_config, train_clip
 
     cfg = load_clip_train_config(load_params(args.params), steps=args.steps, num_workers=args.workers,
                                  zero_stage=args.zero_stage, config=args.config, init=args.init, out=args.out,

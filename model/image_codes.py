@@ -48,7 +48,7 @@ DEFAULT_NUM_CODES = 8192
 PARQUET_META_KEY = b"galen.image_codes"
 
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
-_TRAIN_HINT = "train one with galen.flows.image_codes.train_image_codes() or copy the folder from the run that made it"
+_TRAIN_HINT = "train one with galen.flows.codebook.train_image_codes() or copy the folder from the run that made it"
 # rows of a distance matrix computed at once: bounds memory at about 64 MB of float32
 _DIST_ELEMENTS = 1 << 24
 

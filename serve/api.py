@@ -419,7 +419,7 @@ def create_app(extra_schemas: Sequence[type[BaseModel]] = ()) -> FastAPI:
 
 
 # --------------------------------------------------------------------------------------------------
-# The contrastive model's routes (served by serve/contrastive.py through the ingress)
+# The contrastive model's routes (served by serve/contrastive_deployment.py through the ingress)
 # --------------------------------------------------------------------------------------------------
 
 class EmbedRequest(_Request):

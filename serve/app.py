@@ -68,7 +68,7 @@ def _chat_body() -> dict[str, Any]:
 @serve.ingress(app)
 class GalenGeneralist:
     def __init__(self, settings: Mapping[str, Any] | None = None, contrastive: Any = None):
-        self.contrastive = contrastive  # handle of the GalenContrastive deployment (serve/contrastive.py), or None
+        self.contrastive = contrastive  # handle of the GalenContrastive deployment (serve/contrastive_deployment.py), or None
         self.base = ServeSettings().replace(settings)
         self.settings = self.base
         self.current: LoadedModel | None = None
@@ -414,7 +414,7 @@ def settings_from_args(args: Mapping[str, Any] | None) -> ServeSettings:
 
 def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
     """The application of the Serve config's import path `galen.serve.app:build_app`."""
-    from galen.serve import contrastive
+    from galen.serve import contrastive_deployment as contrastive
 
     settings = settings_from_args(args)
     return GalenGeneralist.bind(settings.to_dict(), contrastive.bind(settings))
@@ -443,7 +443,7 @@ def app_from_config(cfg: Mapping[str, Any], user_config: Mapping[str, Any] | Non
     options["user_config"] = {**(options.get("user_config") or {}), **(user_config or {})}
     settings = settings_from_args({**(app_cfg.get("args") or {}), **(args or {})})
     settings.replace(options["user_config"])  # refuse unknown user_config keys here, not on a replica
-    from galen.serve import contrastive
+    from galen.serve import contrastive_deployment as contrastive
 
     contrastive.check_index_compatible(settings)
     clip_options = [{k: v for k, v in d.items() if k != "name"} for d in app_cfg.get("deployments") or []

@@ -27,14 +27,14 @@ from tests.flows.train_procs import GalenJob, cleanup_dir, isolated_env, short_t
     ({"placement_strategy": "SPREAD_OUT"}, "placement_strategy must be one of"),
 ])
 def test_bad_params_are_named(train, words):
-    from galen.flows.train.contrastive import load_clip_train_config
+    from galen.flows.train.contrastive_trainer import load_clip_train_config
 
     with pytest.raises(GalenInputError, match=re.escape(words)):
         load_clip_train_config({"clip": {"train": train}})
 
 
 def test_missing_inputs_fail_before_any_worker(tmp_path, demo_shards):
-    from galen.flows.train.contrastive import ClipTrainConfig, check_inputs
+    from galen.flows.train.contrastive_trainer import ClipTrainConfig, check_inputs
 
     with pytest.raises(GalenInputError, match="run `dvc repro shards` first"):
         check_inputs(ClipTrainConfig(shards=str(tmp_path / "nowhere")))

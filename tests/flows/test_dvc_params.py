@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from galen.flows.train.contrastive import ClipTrainConfig
+from galen.flows.train.contrastive_trainer import ClipTrainConfig
 from galen.flows.train.trainer import STAGES, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from galen.flows.image_codes import encode_image_codes, train_image_codes
+from galen.flows.codebook import encode_image_codes, train_image_codes
 from galen.flows.ingest.schema import Record, ShardWriter, image_sha1
 from galen.model.errors import GalenConfigError, GalenInputError
 from galen.model.image_codes import (
