@@ -28,8 +28,7 @@ import tempfile
 import time
 
 import torch  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from _common import (  # noqa: E402
     add_run_args,
     command_line,
     fmt_x,
@@ -42,6 +41,7 @@ from benchmarks._common import (  # noqa: E402
     set_threads,
     write_json,
 )
+
 from galen.model.config import get_config  # noqa: E402
 from galen.model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate, score_candidates  # noqa: E402
 from galen.model.generalist import GalenModel  # noqa: E402

@@ -19,8 +19,7 @@ import argparse
 import sys
 
 import torch  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from _common import (  # noqa: E402
     add_run_args,
     command_line,
     fmt_s,
@@ -34,6 +33,7 @@ from benchmarks._common import (  # noqa: E402
     set_threads,
     write_json,
 )
+
 from galen.model.config import get_config  # noqa: E402
 from galen.model.decoding import GenerationConfig, generate  # noqa: E402
 from galen.model.generalist import GalenModel  # noqa: E402

@@ -19,8 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from _common import (  # noqa: E402
     command_line,
     fmt_s,
     fmt_x,
@@ -33,6 +32,7 @@ from benchmarks._common import (  # noqa: E402
     set_threads,
     write_json,
 )
+
 from galen.model.config import REFERENCE_VOCAB_SIZE, get_config  # noqa: E402
 from galen.model.generalist import GalenModel  # noqa: E402
 from galen.model.losses import label_smoothed_cross_entropy  # noqa: E402

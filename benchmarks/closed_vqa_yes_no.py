@@ -15,7 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.learn_closed_vqa import yes_no_accuracy  # noqa: E402
+from learn_closed_vqa import yes_no_accuracy  # noqa: E402
+
 from galen.flows.evaluate import eval_records  # noqa: E402
 from galen.flows.train.examples import make_example  # noqa: E402
 from galen.model.generalist import GalenModel  # noqa: E402
