@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
@@ -494,12 +493,10 @@ def test_sampled_training_is_reproducible_across_processes(corpus: list[str], tm
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(corpus) + "\n", encoding="utf-8")
     code = (
-        "import sys; from model.tokenizer import train_sentencepiece as t; "
+        "import sys; from galen.model.tokenizer import train_sentencepiece as t; "
         "t(None, sys.argv[2], corpus_files=[sys.argv[1]], vocab_size=350, input_sentence_size=300, seed=3)"
     )
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "child")], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "child")], check=True, cwd=tmp_path)
     here = train_sentencepiece(corpus, tmp_path / "here", vocab_size=350, input_sentence_size=300, seed=3)
     assert (tmp_path / "child" / "spm.model").read_bytes() == here.model_proto
     other = train_sentencepiece(corpus, tmp_path / "other", vocab_size=350, input_sentence_size=300, seed=4)
