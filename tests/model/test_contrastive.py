@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -58,42 +57,86 @@ def _loss_and_grads(images, texts, rank=0, world=1):
     return loss.detach(), [p.grad for p in (*vis.parameters(), *txt.parameters(), log_scale)]
 
 
-def _worker(rank: int, port: int, images, texts, queue) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, images: np.ndarray, texts: np.ndarray) -> None:
+    """One of two gloo workers: its half of the batch through the gathering loss, gradients averaged as
+    DDP does, the result written to `out_dir/rank<rank>.npz`.
+
+    The worker leaves with os._exit(0) once the group is destroyed and the result is on disk. A spawned
+    child otherwise leaves through sys.exit: interpreter finalization, atexit handlers, then the C++
+    static destructors, while native threads still run (the OpenMP and OpenBLAS pools always; gloo's
+    pair loop and run-loop threads, and a TCP store's server, whenever anything still holds the group
+    past destroy_process_group). Such a thread at that moment aborts the child ("terminate called
+    without an active exception", SIGABRT) after a correct result: a race a loaded machine loses now
+    and then. Nothing needs cleaning up by then; a failure before it raises and shows as a non-zero
+    exit code."""
+    import os
+    import sys
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    half = len(images) // 2
-    loss, grads = _loss_and_grads(images[rank * half:(rank + 1) * half], texts[rank * half:(rank + 1) * half],
+    torch.set_num_threads(1)  # two workers and pytest on a 2-core machine: no oversubscription
+    # a FileStore in the test's tmp_path: no TCP port to pick (and lose to another process), no store
+    # server thread; a generous timeout so that a slow peer under load is waited for, a dead one is not
+    # waited for forever
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=300))
+    images_t, texts_t = torch.from_numpy(images), torch.from_numpy(texts)
+    half = len(images_t) // 2
+    loss, grads = _loss_and_grads(images_t[rank * half:(rank + 1) * half], texts_t[rank * half:(rank + 1) * half],
                                   rank, 2)
     for g in grads:  # what DDP / DeepSpeed do with the gradients: average over workers
         dist.all_reduce(g)
         g /= 2
     dist.all_reduce(loss)
-    if rank == 0:
-        queue.put((float(loss) / 2, [g.numpy().copy() for g in grads]))  # by value, not shared memory
-    dist.barrier()
+    result = {"loss": np.array(float(loss) / 2), **{f"grad{i}": g.numpy().copy() for i, g in enumerate(grads)}}
+    dist.barrier()  # both ranks are done with every collective before either tears the group down
+    del loss, grads, images_t, texts_t  # no tensor of a collective outlives the group
     dist.destroy_process_group()
+    tmp = os.path.join(out_dir, f"rank{rank}.tmp.npz")
+    np.savez(tmp, **result)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.npz"))  # whole or absent
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def test_two_gathering_workers_equal_one_process_on_the_whole_batch():
+def _run_two_workers(tmp_path, images: torch.Tensor, texts: torch.Tensor, deadline_s: float = 600.0) -> list[dict]:
+    """Both workers' results ({"loss", "grad0", ...}); fails, with the exit codes, unless both exit 0."""
+    import time
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    args = (str(tmp_path / "gloo_store"), str(tmp_path), images.numpy(), texts.numpy())  # by value
+    procs = [ctx.Process(target=_worker, args=(rank, *args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        end = time.monotonic() + deadline_s
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+    finally:
+        for p in procs:  # a worker still running past the deadline is stopped, and the test fails below
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert [p.exitcode for p in procs] == [0, 0], f"worker exit codes {[p.exitcode for p in procs]}"
+    results = []
+    for rank in range(2):
+        with np.load(tmp_path / f"rank{rank}.npz", allow_pickle=False) as npz:
+            results.append({k: npz[k] for k in npz.files})
+    return results
+
+
+def test_two_gathering_workers_equal_one_process_on_the_whole_batch(tmp_path):
     torch.manual_seed(1)
     images, texts = torch.randn(8, 6), torch.randn(8, 5)
     full_loss, full_grads = _loss_and_grads(images, texts)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, images, texts, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    loss, grads = queue.get(timeout=120)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert loss == pytest.approx(float(full_loss), rel=1e-5)
-    for g, ref in zip(grads, full_grads):
-        torch.testing.assert_close(torch.from_numpy(g), ref, rtol=1e-5, atol=1e-6)
+    results = _run_two_workers(tmp_path, images, texts)
+    for result in results:  # rank 0 and (after the averaging) rank 1 hold the same numbers
+        assert float(result["loss"]) == pytest.approx(float(full_loss), rel=1e-5)
+        assert len(result) - 1 == len(full_grads)
+        for i, ref in enumerate(full_grads):
+            torch.testing.assert_close(torch.from_numpy(result[f"grad{i}"]), ref, rtol=1e-5, atol=1e-6)
     # without the gathered columns the loss is a different (easier) one: the test can tell them apart
     half_loss, _ = _loss_and_grads(images[:4], texts[:4])
     assert abs(float(half_loss) - float(full_loss)) > 1e-3
