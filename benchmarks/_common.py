@@ -137,7 +137,7 @@ def fmt_x(q: dict[str, float], digits: int = 2) -> str:
 
 
 def command_line() -> str:
-    return "PYTHONPATH=. python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 
 
 def set_threads(n: int | None) -> None:

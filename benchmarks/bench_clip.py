@@ -10,8 +10,8 @@ Training (--train): `galen clip train` (Ray Train + DeepSpeed, 2 CPU workers, gl
 gathered across them) on the demo shards; the figure is the workers' steady-state samples/s
 (measured inside the loop after the first step: Ray start-up and the final save excluded).
 
-    PYTHONPATH=. python benchmarks/bench_clip.py --config micro [--n 256] [--batch 64] [--train]
-    PYTHONPATH=. python benchmarks/bench_clip.py --config biomedclip --n 64 --batch 32 --device cuda
+    python benchmarks/bench_clip.py --config micro [--n 256] [--batch 64] [--train]
+    python benchmarks/bench_clip.py --config biomedclip --n 64 --batch 32 --device cuda
 
 Needs `dvc repro shards tokenizer` first (data/shards, artifacts/tokenizer). The biomedclip config
 runs with random weights and a stand-in BERT vocabulary (the real tokenizer's speed is similar).

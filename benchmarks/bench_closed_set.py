@@ -16,8 +16,8 @@ answering methods are timed side by side (interleaved, rotated order, warmup fir
 Reported: questions/s, trie-vs-all speed ratio (paper: >=16x), agreement of trie and all on the
 chosen answer, and the accuracy of all three.
 
-    PYTHONPATH=. python benchmarks/bench_closed_set.py
-    PYTHONPATH=. python benchmarks/bench_closed_set.py --questions 128 --train-steps 400 --json out.json
+    python benchmarks/bench_closed_set.py
+    python benchmarks/bench_closed_set.py --questions 128 --train-steps 400 --json out.json
 """
 
 from __future__ import annotations

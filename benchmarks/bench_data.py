@@ -6,7 +6,7 @@ repeats: "serial" ingests the datasets one after another and shards with one pro
 worker processes. Images/s counts rows that carry an image. Also times a no-op `dvc repro` in
 this repository (every stage up to date), which is what a user waits for when nothing changed.
 
-    PYTHONPATH=. python benchmarks/bench_data.py [--scale 1.0] [--workers 2] [--repeats 3]
+    python benchmarks/bench_data.py [--scale 1.0] [--workers 2] [--repeats 3]
 """
 
 from __future__ import annotations

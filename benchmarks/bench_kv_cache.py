@@ -9,8 +9,8 @@ Besides the end-to-end time (what a caller of `generate` sees: encoder + 33 deco
 encoder alone is timed in the same loop, so the table also shows the decoding-only ratio
 ((generate - encode) cached vs uncached).
 
-    PYTHONPATH=. python benchmarks/bench_kv_cache.py
-    PYTHONPATH=. python benchmarks/bench_kv_cache.py --beams 5 --batch 4 --repeats 5
+    python benchmarks/bench_kv_cache.py
+    python benchmarks/bench_kv_cache.py --beams 5 --batch 4 --repeats 5
 """
 
 from __future__ import annotations

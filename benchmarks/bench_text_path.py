@@ -10,8 +10,8 @@ The two models are timed interleaved (order rotated every repeat) in one process
 computed per repeat. `--profile` additionally records a few steps of each under torch.profiler
 and prints the ops whose self CPU time differs most between the two.
 
-    PYTHONPATH=. python benchmarks/bench_text_path.py                    # tiny (batch 16) and base (batch 8)
-    PYTHONPATH=. python benchmarks/bench_text_path.py --sizes tiny --batch 32 --profile
+    python benchmarks/bench_text_path.py                    # tiny (batch 16) and base (batch 8)
+    python benchmarks/bench_text_path.py --sizes tiny --batch 32 --profile
 """
 
 from __future__ import annotations

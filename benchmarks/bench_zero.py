@@ -6,7 +6,7 @@ is the workers' steady-state samples/s (measured inside the loop after the first
 start-up, data-pipeline warm-up and the final save are excluded). Stages run one after another
 in one process, in rotated order over repeats, so a busy moment of the machine hits each stage.
 
-    PYTHONPATH=. python benchmarks/bench_zero.py [--steps 30] [--batch-size 8] [--repeats 2]
+    python benchmarks/bench_zero.py [--steps 30] [--batch-size 8] [--repeats 2]
 
 Needs `dvc repro shards tokenizer` first (data/shards, artifacts/tokenizer).
 """

@@ -8,7 +8,7 @@ at weight W and the lr ramped up again over R steps; `--closed-datasets vqa-rad,
 closed questions too, as the trainer's `vqa_closed` does), `--init scratch`, `--vqa-images N` (a fresh
 demo VQA-RAD of N images in place of the shards' one).
 
-    PYTHONPATH=. python benchmarks/closed_vqa_mixture.py --steps 600 --threads 1 --avg sample --w vqa=8
+    python benchmarks/closed_vqa_mixture.py --steps 600 --threads 1 --avg sample --w vqa=8
 
 Needs `dvc repro pretrain` (artifacts/pretrained, data/shards, artifacts/tokenizer).
 """

@@ -3,7 +3,7 @@ probes (scikit-learn) on the 72 train / 24 held-out demo VQA-RAD presence questi
 folder's encoder output at image positions (mean- and max-pooled), at text positions, and the
 decoder's first hidden state (the one the answer is read from). Prints train and test accuracy.
 
-    PYTHONPATH=. python benchmarks/closed_vqa_probe.py artifacts/model
+    python benchmarks/closed_vqa_probe.py artifacts/model
 """
 import json
 import random

@@ -1,7 +1,7 @@
 """First-token yes-vs-no accuracy of trained model folders on the demo's held-out closed VQA-RAD
 questions (presence and size separately): does a model read the image, or answer the prior?
 
-    PYTHONPATH=. python benchmarks/closed_vqa_yes_no.py artifacts/pretrained artifacts/model
+    python benchmarks/closed_vqa_yes_no.py artifacts/pretrained artifacts/model
 
 Needs the shards stage (data/shards).
 """

@@ -6,7 +6,7 @@ fresh nano model on its closed questions (`--presence-only`: "is there a nodule"
 every `--every` steps, yes-vs-no accuracy on train and test images (first answer token; at most 96
 rows each) and the share of "yes" predictions.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/learn_closed_vqa.py --presence-only --images 400 \\
+    OMP_NUM_THREADS=1 python benchmarks/learn_closed_vqa.py --presence-only --images 400 \\
         --set dropout=0.0 encoder_drop_path_rate=0.0 decoder_drop_path_rate=0.0
 
 Needs `dvc repro tokenizer` (artifacts/tokenizer).
