@@ -66,6 +66,18 @@ def _masked(bias: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tenso
     return bias.masked_fill(key_padding[:, None, None, :], torch.finfo(bias.dtype).min)
 
 
+class PositionTables(nn.Module):
+    """What add_position_tables sets on the encoder and the decoder (declared for type checkers:
+    nn.Module.__getattr__ is untyped)."""
+
+    embed_positions: nn.Embedding
+    embed_image_positions: nn.Embedding
+    pos_ln: nn.LayerNorm
+    image_pos_ln: nn.LayerNorm
+    token_rel_pos_table_list: nn.ModuleList
+    image_rel_pos_table_list: nn.ModuleList
+
+
 class Attention(nn.Module):
     """Multi-head attention with an additive bias and OFA's per-head output scale (`c_attn`)."""
 
@@ -143,16 +155,8 @@ def _type_id(kind: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(kind, dtype=torch.long, device=device)
 
 
-class Encoder(nn.Module):
+class Encoder(PositionTables):
     """Image patches then text tokens through a bidirectional transformer."""
-
-    # set by add_position_tables (declared for type checkers: nn.Module.__getattr__ is untyped)
-    embed_positions: nn.Embedding
-    embed_image_positions: nn.Embedding
-    pos_ln: nn.LayerNorm
-    image_pos_ln: nn.LayerNorm
-    token_rel_pos_table_list: nn.ModuleList
-    image_rel_pos_table_list: nn.ModuleList
 
     def __init__(self, cfg: GalenConfig, buckets: RelativeBuckets):
         super().__init__()
@@ -287,16 +291,8 @@ class DecoderCache:
         self.cross_bias = pick(self.cross_bias)
 
 
-class Decoder(nn.Module):
+class Decoder(PositionTables):
     """Causal transformer over target tokens, cross-attending to the encoder output."""
-
-    # set by add_position_tables (declared for type checkers: nn.Module.__getattr__ is untyped)
-    embed_positions: nn.Embedding
-    embed_image_positions: nn.Embedding
-    pos_ln: nn.LayerNorm
-    image_pos_ln: nn.LayerNorm
-    token_rel_pos_table_list: nn.ModuleList
-    image_rel_pos_table_list: nn.ModuleList
 
     def __init__(self, cfg: GalenConfig, buckets: RelativeBuckets):
         super().__init__()
