@@ -112,8 +112,9 @@ def submit(argv: Sequence[str], parser: argparse.ArgumentParser, *, address: str
             raise GalenInputError(f"{root} is not the Galen project folder (no flows/cli.py); run from it, pass "
                                   "--project, or use --cluster-dir for a copy already on the nodes")
         runtime_env |= {"working_dir": str(root), "excludes": [*DEFAULT_EXCLUDES, *excludes]}
-        runtime_env["env_vars"]["PYTHONPATH"] = JOB_IMPORT_DIR
-        entrypoint = f"PYTHONPATH={JOB_IMPORT_DIR} python -m galen.flows.cli {shlex.join(command)}"
+        env_vars = runtime_env["env_vars"]  # a PYTHONPATH given with --env stays, after the upload's galen
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (JOB_IMPORT_DIR, env_vars.get("PYTHONPATH")) if p)
+        entrypoint = f"PYTHONPATH={shlex.quote(env_vars['PYTHONPATH'])} python -m galen.flows.cli {shlex.join(command)}"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         raise GalenInputError("no Ray cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
