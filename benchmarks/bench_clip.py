@@ -1,7 +1,7 @@
-"""Contrastive model throughput: embedding images and texts batched vs one by one, and training
+"""CLIP model throughput: embedding images and texts batched vs one by one, and training
 samples/s with 2 Ray Train workers.
 
-Embedding: `ContrastiveModel.encode_images` / `encode_texts` of one named config (random weights:
+Embedding: `ClipModel.encode_images` / `encode_texts` of one named config (random weights:
 speed does not depend on them), N inputs in one call of batch size B vs N calls of one input,
 interleaved over repeats (benchmarks/_common.py). Images are the demo PathMNIST test patches
 (decode + preprocessing included, as a request pays them), texts the demo captions.
@@ -44,7 +44,7 @@ def _biomedclip(tmp: Path):
     """A BiomedCLIP-layout model with random weights and a small BERT vocabulary file."""
     import torch
 
-    from galen.model.contrastive import ContrastiveModel, HFTextEncoder, build_clip, get_spec
+    from galen.model.clip import ClipModel, HFTextEncoder, build_clip, get_spec
 
     spec = get_spec("biomedclip")
     clip = build_clip(spec)
@@ -53,7 +53,7 @@ def _biomedclip(tmp: Path):
     (tmp / "vocab.txt").write_text("\n".join(words) + "\n")
     (tmp / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "tokenizer_class": "BertTokenizer"}))
     torch.manual_seed(0)
-    return ContrastiveModel(clip, spec, HFTextEncoder(tmp, spec.context_length))
+    return ClipModel(clip, spec, HFTextEncoder(tmp, spec.context_length))
 
 
 def _images(n: int) -> list[bytes]:
@@ -73,13 +73,13 @@ def _texts(n: int) -> list[str]:
 def embedding(args: argparse.Namespace, tmp: Path) -> dict:
     import torch
 
-    from galen.model.contrastive import ContrastiveModel
+    from galen.model.clip import ClipModel
     from galen.model.tokenizer import GalenTokenizer
 
     if args.config == "biomedclip":
         model = _biomedclip(tmp)
     else:
-        model = ContrastiveModel.create(args.config, GalenTokenizer.load(ROOT / "artifacts" / "tokenizer"), seed=0)
+        model = ClipModel.create(args.config, GalenTokenizer.load(ROOT / "artifacts" / "tokenizer"), seed=0)
     model.clip.to(args.device)
     if args.device != "cpu":
         model.clip.half() if args.half else None
@@ -116,7 +116,7 @@ def training(args: argparse.Namespace, tmp: Path) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     os.chdir(ROOT)
     from galen.flows.params import load_params
-    from galen.flows.train.contrastive_trainer import load_clip_train_config, train_clip
+    from galen.flows.train.clip_trainer import load_clip_train_config, train_clip
 
     runs = []
     for r in range(args.train_repeats):

@@ -39,7 +39,7 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     os.chdir(ROOT)
     from galen.flows.params import load_params
-    from galen.flows.train.trainer import load_train_config, train
+    from galen.flows.train.generalist_trainer import load_train_config, train
 
     params = load_params("params.yaml")
     results: dict[int, list[float]] = {s: [] for s in args.stages}

@@ -24,8 +24,8 @@ from galen.flows.ingest.schema import read_records
 from galen.flows.shards import shard_paths
 from galen.flows.train.ema import WeightEMA
 from galen.flows.train.examples import collate
+from galen.flows.train.generalist_trainer import _lr_lambda
 from galen.flows.train.objectives import ExampleBuilder, StepPlanner, group_by_image_shape, step_rng
-from galen.flows.train.trainer import _lr_lambda
 from galen.model.config import get_config
 from galen.model.generalist import GalenModel
 from galen.model.losses import label_smoothed_cross_entropy

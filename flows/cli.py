@@ -294,7 +294,7 @@ def cmd_image_codes_encode(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from galen.flows.params import load_params
-    from galen.flows.train.trainer import load_train_config, train
+    from galen.flows.train.generalist_trainer import load_train_config, train
 
     cfg = load_train_config(load_params(args.params), args.stage, steps=args.steps, num_workers=args.workers,
                             zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init,
@@ -449,10 +449,10 @@ def cmd_summary(args: argparse.Namespace) -> None:
                         clip_model_dir=args.clip_model), end="")
 
 
-# -- contrastive model -----------------------------------------------------------------------------
+# -- CLIP model ---------------------------------------------------------------------------------
 def cmd_clip_train(args: argparse.Namespace) -> None:
     from galen.flows.params import load_params
-    from galen.flows.train.contrastive_trainer import load_clip_train_config, train_clip
+    from galen.flows.train.clip_trainer import load_clip_train_config, train_clip
 
     cfg = load_clip_train_config(load_params(args.params), steps=args.steps, num_workers=args.workers,
                                  zero_stage=args.zero_stage, config=args.config, init=args.init, out=args.out,
@@ -463,7 +463,7 @@ def cmd_clip_train(args: argparse.Namespace) -> None:
 
 
 def cmd_clip_evaluate(args: argparse.Namespace) -> None:
-    from galen.flows.evaluate_contrastive import ZERO_SHOT_TEMPLATES, evaluate_clip
+    from galen.flows.evaluate_clip import ZERO_SHOT_TEMPLATES, evaluate_clip
     from galen.flows.params import load_params
 
     section = (load_params(args.params).get("clip") or {}).get("evaluate") or {}
@@ -493,43 +493,43 @@ def _clip_registry_config(args: argparse.Namespace):
 
 
 def cmd_clip_register(args: argparse.Namespace) -> None:
-    from galen.flows.registry import CONTRASTIVE
+    from galen.flows.registry import CLIP
 
     cfg, params = _clip_registry_config(args)
-    _register_and_promote(args, cfg, params.get("clip") or {}, CONTRASTIVE)
+    _register_and_promote(args, cfg, params.get("clip") or {}, CLIP)
 
 
 def cmd_clip_import(args: argparse.Namespace) -> None:
-    from galen.model.contrastive import ContrastiveModel
+    from galen.model.clip import ClipModel
 
-    model = ContrastiveModel.from_pretrained(args.source)
+    model = ClipModel.from_pretrained(args.source)
     model.save_pretrained(args.out)
     print(f"imported {args.source} ({model.spec.name}, embed dim {model.spec.embed_dim}, "
           f"{sum(p.numel() for p in model.clip.parameters()) / 1e6:.1f}M parameters) -> {args.out}")
 
 
 def cmd_clip_export(args: argparse.Namespace) -> None:
-    from galen.model.contrastive import ContrastiveModel
+    from galen.model.clip import ClipModel
 
-    out = ContrastiveModel.from_pretrained(args.model).export(args.out)
+    out = ClipModel.from_pretrained(args.model).export(args.out)
     print(f"wrote {out} (open_clip: open_clip.create_model_from_pretrained('local-dir:{out}'))")
 
 
 def cmd_clip_index(args: argparse.Namespace) -> None:
-    from galen.flows.evaluate_contrastive import build_index
+    from galen.flows.evaluate_clip import build_index
 
     index = build_index(args.model, args.shards, args.out, tasks=args.tasks, split=args.split, limit=args.limit)
     print(f"indexed {len(index.items)} image-caption items ({index.embed_dim}-d) -> {args.out}")
 
 
 def cmd_clip_embed(args: argparse.Namespace) -> None:
-    from galen.model.contrastive import ContrastiveModel
+    from galen.model.clip import ClipModel
 
     if args.labels and not args.image:
         raise GalenInputError("zero-shot classification (--labels) needs --image")
     if not args.labels and bool(args.image) == bool(args.text):
         raise GalenInputError("give exactly one of --image or --text (or --image with --labels)")
-    model = ContrastiveModel.from_pretrained(args.model)  # after the checks: loading takes seconds
+    model = ClipModel.from_pretrained(args.model)  # after the checks: loading takes seconds
     if args.labels:
         probs = model.classify([Path(args.image).read_bytes()], args.labels)[0]
         for label, p in sorted(zip(args.labels, probs.tolist()), key=lambda x: -x[1]):
@@ -767,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--metrics-dir", default="metrics", help="folder of the metrics files dvc.yaml writes")
     su.add_argument("--shards", default="data/shards", help="the shards (answer types of the VQA test split)")
     su.add_argument("--model", default="artifacts/model", help="the generalist model folder")
-    su.add_argument("--clip-model", default="artifacts/clip_model", help="the contrastive model folder")
+    su.add_argument("--clip-model", default="artifacts/clip_model", help="the CLIP model folder")
     su.set_defaults(func=cmd_summary)
     _clip_parsers(sub)
     sv = sub.add_parser("serve", help="serve the registered model over HTTP on an embedded Ray (Ray Serve; "
@@ -788,14 +788,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _clip_parsers(sub: Any) -> None:
-    from galen.model.contrastive import config_names
+    from galen.model.clip import config_names
 
-    clip = sub.add_parser("clip", help="the contrastive (BiomedCLIP-style) model: train, evaluate, register, import, "
+    clip = sub.add_parser("clip", help="the CLIP (BiomedCLIP-style) model: train, evaluate, register, import, "
                           "export, embed").add_subparsers(dest="clip_command", required=True, metavar="COMMAND")
-    t = clip.add_parser("train", help="contrastive training on Ray Train + DeepSpeed (settings: params.yaml clip.train)")
+    t = clip.add_parser("train", help="CLIP training on Ray Train + DeepSpeed (settings: params.yaml clip.train)")
     t.add_argument("--params", default="params.yaml")
     t.add_argument("--config", choices=config_names(), help="override clip.train.config (named model config)")
-    t.add_argument("--init", help="start from this contrastive model folder (e.g. imported BiomedCLIP)")
+    t.add_argument("--init", help="start from this CLIP model folder (e.g. imported BiomedCLIP)")
     t.add_argument("--steps", type=int)
     t.add_argument("--workers", type=int)
     t.add_argument("--batch-size", type=int, help="per worker; every worker's features are gathered for the loss")
@@ -817,7 +817,7 @@ def _clip_parsers(sub: Any) -> None:
     e.add_argument("--no-mlflow", action="store_true")
     e.set_defaults(func=cmd_clip_evaluate)
 
-    r = clip.add_parser("register", help="register a contrastive model (params.yaml clip.registry) and promote it")
+    r = clip.add_parser("register", help="register a CLIP model (params.yaml clip.registry) and promote it")
     r.add_argument("--model", required=True)
     r.add_argument("--metrics", help="the JSON `galen clip evaluate` wrote (its run id is used)")
     r.add_argument("--run-id")
@@ -828,7 +828,7 @@ def _clip_parsers(sub: Any) -> None:
     r.set_defaults(func=cmd_clip_register)
 
     i = clip.add_parser("import", help="read an open_clip / BiomedCLIP folder offline (open_clip_config.json, "
-                        "open_clip_pytorch_model.bin, tokenizer files) into a Galen contrastive model folder")
+                        "open_clip_pytorch_model.bin, tokenizer files) into a Galen CLIP model folder")
     i.add_argument("source")
     i.add_argument("--out", required=True)
     i.set_defaults(func=cmd_clip_import)

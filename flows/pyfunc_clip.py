@@ -1,6 +1,6 @@
-"""The registered contrastive model as an MLflow pyfunc, written as "models from code" (no pickle).
+"""The registered CLIP model as an MLflow pyfunc, written as "models from code" (no pickle).
 
-The contrastive model folder (open_clip config, safetensors weights, tokenizer files) travels as
+The CLIP model folder (open_clip config, safetensors weights, tokenizer files) travels as
 the artifact "model", the `model` package as bundled code. A request embeds an image or a text, or
 classifies an image zero-shot over `labels`; images are base64 strings.
 
@@ -30,12 +30,12 @@ class ClipResponse(pydantic.BaseModel):
 
 
 class ClipPyfunc(mlflow.pyfunc.PythonModel):
-    """Loads the contrastive model folder once per process; `predict` answers a batch of requests."""
+    """Loads the CLIP model folder once per process; `predict` answers a batch of requests."""
 
     def load_context(self, context: Any) -> None:
-        from galen.model.contrastive import ContrastiveModel
+        from galen.model.clip import ClipModel
 
-        self.model = ContrastiveModel.from_pretrained(context.artifacts["model"])
+        self.model = ClipModel.from_pretrained(context.artifacts["model"])
 
     def predict(self, model_input: list[ClipRequest], params: Optional[dict[str, Any]] = None) -> list[ClipResponse]:
         from galen.model.errors import GalenInputError

@@ -262,19 +262,19 @@ def _generalist_config(eval_tags: Mapping[str, str]) -> dict[str, Any]:
 GENERALIST = ModelKind(_generalist_load, PYFUNC_FILE, input_example, _generalist_config)
 
 
-def _contrastive_load(folder: Path) -> Any:
-    from galen.model.contrastive import ContrastiveModel
+def _clip_load(folder: Path) -> Any:
+    from galen.model.clip import ClipModel
 
-    return ContrastiveModel.from_pretrained(folder)
+    return ClipModel.from_pretrained(folder)
 
 
-def _contrastive_example() -> list[dict[str, Any]]:
-    """A zero-shot request (base64 PNG + two labels), stored with the contrastive model as its example."""
+def _clip_example() -> list[dict[str, Any]]:
+    """A zero-shot request (base64 PNG + two labels), stored with the CLIP model as its example."""
     image = input_example()[0]["image"]
     return [{"task": "zero_shot", "image": image, "labels": ["normal", "abnormal"]}]
 
 
-CONTRASTIVE = ModelKind(_contrastive_load, PYFUNC_FILE.with_name("pyfunc_clip.py"), _contrastive_example,
+CLIP = ModelKind(_clip_load, PYFUNC_FILE.with_name("pyfunc_clip.py"), _clip_example,
                         lambda _: {}, PYFUNC_REQUIREMENTS + ("open_clip_torch", "transformers", "ftfy"))
 
 

@@ -18,12 +18,12 @@ Baselines come only from what the run stored; where nothing honest is on file th
 
     chance    a uniform guess over the answers each test record was scored against: the label set of
               the prediction's `scores` (classification; NLI's fixed maybe / yes / no), yes / no for
-              closed VQA when every closed reference is yes or no, the `chance` the contrastive
+              closed VQA when every closed reference is yes or no, the `chance` the CLIP
               zero-shot report stores (its linear probe is scored on the same labels), and k / texts
               for image -> text Recall@k (one relevant caption among `texts` distinct ones)
     majority  always answering each dataset's most frequent test answer (the references in
               eval_predictions.jsonl; VQA's closed / open split from the shards' answer_type); the
-              contrastive classification rows reuse it when they were scored on the same test rows
+              CLIP classification rows reuse it when they were scored on the same test rows
 
 Predictions whose counts do not match eval.json (a stale file) are not used.
 """
@@ -193,7 +193,7 @@ def _dataset_counts(metrics: Mapping[str, Any]) -> dict[str, int] | None:
     return None
 
 
-def contrastive_rows(report: Mapping[str, Any],
+def clip_rows(report: Mapping[str, Any],
                      classification_predictions: Sequence[Mapping[str, Any]]) -> list[Row]:
     """Zero-shot and linear-probe accuracy, image -> text Recall@k of clip_eval.json."""
     rows = []
@@ -337,8 +337,8 @@ def build_summary(metrics_dir: str | Path = "metrics", *, shards_dir: str | Path
         sections.append((f"generalist ({folder / 'eval.json'}{run})", rows))
     if clip is not None:
         run = f", MLflow run {clip['run_id']}" if clip.get("run_id") else ""
-        sections.append((f"contrastive ({folder / 'clip_eval.json'}{run})",
-                         contrastive_rows(clip, predictions.get("classification", []))))
+        sections.append((f"clip ({folder / 'clip_eval.json'}{run})",
+                         clip_rows(clip, predictions.get("classification", []))))
 
     lines = ["Galen results", ""]
     if any(rows for _, rows in sections):
@@ -346,7 +346,7 @@ def build_summary(metrics_dir: str | Path = "metrics", *, shards_dir: str | Path
         lines += ["chance: uniform guess over the answers; majority: each dataset's most frequent test answer; "
                   f"{DASH}: none on file", ""]
     facts: list[tuple[str, str]] = []
-    for label, registry, evaluated in (("generalist", reg, ev), ("contrastive", clip_reg, clip)):
+    for label, registry, evaluated in (("generalist", reg, ev), ("clip", clip_reg, clip)):
         if registry is not None:
             first, *more = registry_lines(registry, evaluated.get("run_id") if evaluated else None)
             facts += [(label, first), *(("", line) for line in more)]

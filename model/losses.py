@@ -69,7 +69,7 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps
     return LossOutput(loss.sum() / denom, nll.sum() / denom, n, row_nll, row_tokens, n)
 
 
-def contrastive_loss(rank: int = 0, world_size: int = 1) -> torch.nn.Module:
+def clip_loss(rank: int = 0, world_size: int = 1) -> torch.nn.Module:
     """Symmetric InfoNCE of a CLIP batch: (CE(image -> text) + CE(text -> image)) / 2 with the
     learnable temperature `logit_scale` (= exp(log scale)). With several workers, open_clip's
     ClipLoss gathers every worker's features *with gradients* and each worker scores its own rows

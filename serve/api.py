@@ -419,7 +419,7 @@ def create_app(extra_schemas: Sequence[type[BaseModel]] = ()) -> FastAPI:
 
 
 # --------------------------------------------------------------------------------------------------
-# The contrastive model's routes (served by serve/contrastive_deployment.py through the ingress)
+# The CLIP model's routes (served by serve/clip_deployment.py through the ingress)
 # --------------------------------------------------------------------------------------------------
 
 class EmbedRequest(_Request):
@@ -459,14 +459,14 @@ CLIP_ROUTES: dict[str, type[BaseModel]] = {"embed": EmbedRequest, "zero-shot": Z
 
 
 def clip_route(route: str) -> dict[str, Any]:
-    """FastAPI route options of a contrastive route (JSON bodies; documented schema)."""
+    """FastAPI route options of a CLIP route (JSON bodies; documented schema)."""
     schema = CLIP_ROUTES[route]
     return {"tags": ["contrastive"] if route != "embeddings" else ["openai"],
             "openapi_extra": {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}},
             "responses": {code: {"description": what} for code, what in (
                 (400, "unreadable input"), (413, "over a size limit"), (422, "invalid input"),
-                (503, "no contrastive model loaded"), (504, "timed out"))}}
+                (503, "no CLIP model loaded"), (504, "timed out"))}}
 
 
 def _one_of(req: BaseModel, a: str, b: str) -> str:
@@ -493,7 +493,7 @@ def _image(text: str, settings: ServeSettings, param: str) -> bytes:
 
 
 async def read_clip_request(request: Request, route: str, settings: ServeSettings) -> dict[str, Any]:
-    """The checked job of a contrastive route: texts within limits, images decoded from base64 and
+    """The checked job of a CLIP route: texts within limits, images decoded from base64 and
     size-checked (multipart uploads are taken by /v1/embed and /v1/zero-shot as `image`)."""
     data, upload = await read_payload(request, settings)
     if upload is not None:

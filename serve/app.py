@@ -67,8 +67,8 @@ def _chat_body() -> dict[str, Any]:
                   health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
 @serve.ingress(app)
 class GalenGeneralist:
-    def __init__(self, settings: Mapping[str, Any] | None = None, contrastive: Any = None):
-        self.contrastive = contrastive  # handle of the GalenContrastive deployment (serve/contrastive_deployment.py), or None
+    def __init__(self, settings: Mapping[str, Any] | None = None, clip: Any = None):
+        self.clip = clip  # handle of the GalenClip deployment (serve/clip_deployment.py), or None
         self.base = ServeSettings().replace(settings)
         self.settings = self.base
         self.current: LoadedModel | None = None
@@ -318,15 +318,15 @@ class GalenGeneralist:
             return StreamingResponse(chat.stream_events(body), media_type="text/event-stream")
         return JSONResponse(body)
 
-    # -- the contrastive model (answered by GalenContrastive; parsed and limited here like every route) --
+    # -- the CLIP model (answered by GalenClip; parsed and limited here like every route) --
 
     async def _clip(self, request: Request, route: str) -> dict[str, Any]:
-        if self.contrastive is None:
-            raise http.ApiError(404, "not_served", "the contrastive model is not served here (serve setting "
+        if self.clip is None:
+            raise http.ApiError(404, "not_served", "the CLIP model is not served here (serve setting "
                                 "clip_model_name is null)")
         job = await http.read_clip_request(request, route, self.settings)
         method = {"embed": "embed", "zero-shot": "zero_shot", "retrieve": "retrieve"}[route]
-        answer = await getattr(self.contrastive, method).remote(job)
+        answer = await getattr(self.clip, method).remote(job)
         if "error" in answer:
             e = answer["error"]
             raise http.ApiError(e["status"], e["type"], e["message"], e.get("param"))
@@ -348,20 +348,20 @@ class GalenGeneralist:
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible text embeddings", **http.clip_route("embeddings"))
     async def embeddings(self, request: Request) -> dict[str, Any]:
-        if self.contrastive is None:
-            raise http.ApiError(404, "not_served", "the contrastive model is not served here")
+        if self.clip is None:
+            raise http.ApiError(404, "not_served", "the CLIP model is not served here")
         job = await http.read_clip_request(request, "embeddings", self.settings)
-        answer = await self.contrastive.embeddings.remote(job["texts"])
+        answer = await self.clip.embeddings.remote(job["texts"])
         if "error" in answer:
             e = answer["error"]
             raise http.ApiError(e["status"], e["type"], e["message"], e.get("param"))
         return http.embeddings_response(answer, job, answer["model"]["name"])
 
-    @app.get("/v1/contrastive/status", summary="The served contrastive model and its batching", tags=["service"])
-    async def contrastive_status(self) -> dict[str, Any]:
-        if self.contrastive is None:
+    @app.get("/v1/contrastive/status", summary="The served CLIP model and its batching", tags=["service"])
+    async def clip_status(self) -> dict[str, Any]:
+        if self.clip is None:
             return {"status": "not_served"}
-        return await self.contrastive.status.remote()
+        return await self.clip.status.remote()
 
     @app.get("/v1/models", summary="The served model (OpenAI list format)", tags=["service"])
     async def models(self) -> dict[str, Any]:
@@ -414,10 +414,10 @@ def settings_from_args(args: Mapping[str, Any] | None) -> ServeSettings:
 
 def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
     """The application of the Serve config's import path `galen.serve.app:build_app`."""
-    from galen.serve import contrastive_deployment as contrastive
+    from galen.serve import clip_deployment
 
     settings = settings_from_args(args)
-    return GalenGeneralist.bind(settings.to_dict(), contrastive.bind(settings))
+    return GalenGeneralist.bind(settings.to_dict(), clip_deployment.bind(settings))
 
 
 def load_serve_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, Any]:
@@ -443,12 +443,12 @@ def app_from_config(cfg: Mapping[str, Any], user_config: Mapping[str, Any] | Non
     options["user_config"] = {**(options.get("user_config") or {}), **(user_config or {})}
     settings = settings_from_args({**(app_cfg.get("args") or {}), **(args or {})})
     settings.replace(options["user_config"])  # refuse unknown user_config keys here, not on a replica
-    from galen.serve import contrastive_deployment as contrastive
+    from galen.serve import clip_deployment
 
-    contrastive.check_index_compatible(settings)
+    clip_deployment.check_index_compatible(settings)
     clip_options = [{k: v for k, v in d.items() if k != "name"} for d in app_cfg.get("deployments") or []
-                    if d.get("name") == "GalenContrastive"]
-    clip = contrastive.bind(settings, clip_options[0] if clip_options else None)
+                    if d.get("name") == "GalenClip"]
+    clip = clip_deployment.bind(settings, clip_options[0] if clip_options else None)
     return GalenGeneralist.options(**options).bind(settings.to_dict(), clip)
 
 

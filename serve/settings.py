@@ -37,10 +37,10 @@ class ServeSettings:
     device: str = "auto"                   # auto: cuda when the replica has a GPU, else cpu
     model_cache: str | None = None         # where versions are downloaded; None: <tmp>/galen-serve-models
     default_labels: list[str] = field(default_factory=list)  # classify without labels (if the model has none)
-    clip_model_name: str | None = "galen-clip"  # the contrastive model served beside (None: no contrastive routes)
+    clip_model_name: str | None = "galen-clip"  # the CLIP model served beside (None: no CLIP routes)
     clip_alias: str = "champion"
     clip_index: str | None = None          # retrieval index folder (`galen clip index`) for /v1/retrieve without candidates
-    max_candidates: int = 256              # texts / images / labels one contrastive request may carry (422 above)
+    max_candidates: int = 256              # texts / images / labels one CLIP request may carry (422 above)
 
     def __post_init__(self) -> None:
         for name in ("model_name", "alias", "device"):

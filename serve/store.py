@@ -107,7 +107,7 @@ def _cache_root(settings: ServeSettings, uri: str) -> Path:
 
 def _model_folder(downloaded: Path, marker: str = "config.json") -> tuple[Path, dict[str, Any]]:
     """(the Galen model folder, the pyfunc's model_config) of a downloaded version; `marker` is the
-    config file that names the folder (open_clip_config.json for the contrastive model)."""
+    config file that names the folder (open_clip_config.json for the CLIP model)."""
     import yaml
 
     model_config: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Training on Ray Train: the generalist (`trainer`) and the contrastive model (`contrastive`)."""
+"""Training on Ray Train: one loop (`loop`) and its two models, the generalist (`generalist_trainer`) and CLIP (`clip_trainer`)."""
 
 
 def quiet_dashboardless_ray() -> None:

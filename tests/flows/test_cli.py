@@ -104,13 +104,13 @@ def test_bad_input_gives_one_clear_line_and_status_2(tmp_path, args, message):
     (("clip", "embed", "--model", "unused", "--image", "x.png", "--text", "a chest x-ray"),
      "give exactly one of --image or --text"),
 ])
-def test_contrastive_embed_refuses_a_wrong_combination_of_inputs(args, message):
+def test_clip_embed_refuses_a_wrong_combination_of_inputs(args, message):
     out = galen(*args, check=False)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_contrastive_register_without_a_registry_section_says_what_to_add(tmp_path):
+def test_clip_register_without_a_registry_section_says_what_to_add(tmp_path):
     (tmp_path / "params.yaml").write_text("clip:\n  train: {steps: 1}\n")
     out = galen("clip", "register", "--model", str(tmp_path), "--params", str(tmp_path / "params.yaml"), check=False)
     assert out.returncode == 2 and "params.yaml has no clip.registry section" in out.stderr

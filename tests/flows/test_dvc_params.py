@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from galen.flows.train.contrastive_trainer import ClipTrainConfig
-from galen.flows.train.trainer import STAGES, TrainConfig
+from galen.flows.train.clip_trainer import ClipTrainConfig
+from galen.flows.train.generalist_trainer import STAGES, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -31,7 +31,7 @@ def leaf_keys(section: dict, prefix: str) -> list[str]:
 
 def stage_reads() -> dict[str, list[str]]:
     """The params keys each training stage reads: pretraining and fine-tuning merge `train:` with
-    their own `train.<stage>:` (load_train_config); the contrastive trainer reads `clip.train:`."""
+    their own `train.<stage>:` (load_train_config); the CLIP trainer reads `clip.train:`."""
     shared = {k: v for k, v in PARAMS["train"].items() if k not in STAGES}
     return {
         "pretrain": leaf_keys(shared, "train") + leaf_keys(PARAMS["train"]["pretrain"], "train.pretrain"),

@@ -1,5 +1,5 @@
 """Both trainers end through one `save_final_model`: rank 0 writes the folder, other ranks write
-nothing, and after bf16 training the folder holds fp32 weights (the contrastive trainer used to
+nothing, and after bf16 training the folder holds fp32 weights (the CLIP trainer used to
 write bf16 weights as they were)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from galen.flows.train.trainer import save_final_model
-from galen.model.contrastive import WEIGHTS_FILE, ContrastiveModel
+from galen.flows.train.generalist_trainer import save_final_model
+from galen.model.clip import WEIGHTS_FILE, ClipModel
 
 
 def weight_dtypes(path) -> set[torch.dtype]:
@@ -16,10 +16,10 @@ def weight_dtypes(path) -> set[torch.dtype]:
         return {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}
 
 
-def test_the_contrastive_folder_is_fp32_after_bf16_training_and_only_rank_0_writes(tmp_path, demo_model_dir):
+def test_the_clip_folder_is_fp32_after_bf16_training_and_only_rank_0_writes(tmp_path, demo_model_dir):
     from galen.model.tokenizer import GalenTokenizer
 
-    wrapper = ContrastiveModel.create("micro", GalenTokenizer.load(demo_model_dir), seed=0)
+    wrapper = ClipModel.create("micro", GalenTokenizer.load(demo_model_dir), seed=0)
     wrapper.clip = wrapper.clip.to(torch.bfloat16)  # what DeepSpeed's bf16 engine holds
     bf16_state = {k: v.clone() for k, v in wrapper.clip.state_dict().items()}
 
@@ -31,7 +31,7 @@ def test_the_contrastive_folder_is_fp32_after_bf16_training_and_only_rank_0_writ
     save_final_model(wrapper.clip, zero_stage=1, rank=0, write=write(0))
 
     assert weight_dtypes(tmp_path / "rank0" / WEIGHTS_FILE) == {torch.float32}
-    again = ContrastiveModel.from_pretrained(tmp_path / "rank0")
+    again = ClipModel.from_pretrained(tmp_path / "rank0")
     for k, v in again.clip.state_dict().items():
         if v.is_floating_point():  # fp32 holds the bf16 values exactly
             torch.testing.assert_close(v, bf16_state[k].float().reshape(v.shape), rtol=0, atol=0)

@@ -200,8 +200,8 @@ def test_rayservice_serve_config_runs_the_galen_app_at_the_champion_alias():
     assert app["import_path"] == "galen.serve.app:build_app"
     assert app["route_prefix"] == "/"
     dep, clip = app["deployments"]
-    assert dep["name"] == "GalenGeneralist" and clip["name"] == "GalenContrastive"
-    assert "user_config" not in clip  # the contrastive deployment has no reconfigure: settings come from args
+    assert dep["name"] == "GalenGeneralist" and clip["name"] == "GalenClip"
+    assert "user_config" not in clip  # the CLIP deployment has no reconfigure: settings come from args
     assert dep["user_config"] == {"model_name": "galen-generalist", "alias": "champion"}
     auto = dep["autoscaling_config"]
     assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
@@ -472,7 +472,7 @@ def check_train_command(argv: list[str]) -> None:
     (the repo's, as in the image and on the launcher's nodes) loads with only known, valid params."""
     from galen.flows.cli import build_parser, cmd_train
     from galen.flows.params import load_params
-    from galen.flows.train.trainer import load_train_config
+    from galen.flows.train.generalist_trainer import load_train_config
 
     args = build_parser().parse_args(argv)
     assert args.func is cmd_train, argv
@@ -491,7 +491,7 @@ def test_rayjob_runs_a_galen_train_command_with_known_params_and_its_worker_coun
 
     from galen.flows.cli import build_parser
     from galen.flows.params import load_params
-    from galen.flows.train.trainer import load_train_config
+    from galen.flows.train.generalist_trainer import load_train_config
 
     args = build_parser().parse_args(argv)
     cfg = load_train_config(load_params(ROOT / args.params), args.stage, num_workers=args.workers)

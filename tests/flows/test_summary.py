@@ -3,7 +3,7 @@
 The run is small and made up but goes through the pipeline's own writers: test shards through
 `ShardWriter`, metrics/eval.json and eval_predictions.jsonl through `flows.evaluate.evaluate` (a
 scripted predictor in place of the model, so every score is known), metrics/clip_eval.json through
-`flows.evaluate_contrastive.evaluate_clip` (a scripted embedding model), metrics/data_report.json
+`flows.evaluate_clip.evaluate_clip` (a scripted embedding model), metrics/data_report.json
 through `flows.validate.validate`, and the registry reports as `galen register --promote --report`
 builds them (`Registered` + `Decision` + aliases).
 """
@@ -67,7 +67,7 @@ class ScriptedPredictor:
 
 
 class ScriptedEmbeddings:
-    """Stands in for `ContrastiveModel`: an image embeds as what it looks like, a text as itself."""
+    """Stands in for `ClipModel`: an image embeds as what it looks like, a text as itself."""
 
     vocab = sorted(set(LABELS) | set(CAPTIONS))
 
@@ -164,10 +164,10 @@ def run(tmp_path_factory) -> Path:
     """A project folder after a (scripted) `dvc repro`: params.yaml, data/shards, artifacts/, metrics/."""
     import galen.flows.evaluate
     import galen.model.checkpoint
-    import galen.model.contrastive
+    import galen.model.clip
     import galen.model.predict
     from galen.flows.evaluate import evaluate
-    from galen.flows.evaluate_contrastive import evaluate_clip
+    from galen.flows.evaluate_clip import evaluate_clip
 
     root = tmp_path_factory.mktemp("project")
     (root / "params.yaml").write_text("demo: {}\n")
@@ -177,7 +177,7 @@ def run(tmp_path_factory) -> Path:
         (root / folder).mkdir(parents=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(galen.model.predict.GalenPredictor, "load", lambda *a, **k: ScriptedPredictor(answers))
-        mp.setattr(galen.model.contrastive.ContrastiveModel, "from_pretrained", lambda *a, **k: ScriptedEmbeddings())
+        mp.setattr(galen.model.clip.ClipModel, "from_pretrained", lambda *a, **k: ScriptedEmbeddings())
         mp.setattr(galen.model.checkpoint, "folder_digest", lambda folder: "ab" * 32)
         # pycocoevalcap's Java scorers take ~20 s; this is their result's shape (test_evaluate.py runs the real one)
         mp.setattr(galen.flows.evaluate, "caption_metrics", lambda predictions, references: {
@@ -234,16 +234,16 @@ def test_the_table_holds_each_tasks_result_beside_chance_and_majority(project):
     assert rows["caption"] == ["7", "CIDEr = 2.345", "—", "—"]
     assert rows["summarization"] == ["2", f"ROUGE-L = {eval_report['summarization']['rouge_l']:.3f}", "—", "—"]
     assert rows["grounding"] == ["2", "acc@IoU≥0.5 = 0.500", "—", "—"]
-    # the contrastive model, scored on the same classification test rows: the same majority
+    # the CLIP model, scored on the same classification test rows: the same majority
     assert rows["zero-shot classification"] == ["6", "accuracy = 0.833", "0.333", "0.500"]
     assert rows["linear probe"] == ["6", "accuracy = 0.833", "0.333", "0.500"]
     assert rows["retrieval image→text"] == ["7", "Recall@5 = 1.000", "0.833", "—"]   # 5 of 6 distinct texts
     assert f"generalist (metrics/eval.json, MLflow run {EVAL_RUN})" in out
 
     assert fact(out, "generalist") == "galen-generalist version 2: champion (previous: version 1)"
-    assert fact(out, "contrastive") == "galen-clip version 3: not champion (challenger; champion: version 2)"
+    assert fact(out, "clip") == "galen-clip version 3: not champion (challenger; champion: version 2)"
     assert ("  why: zero_shot.accuracy = 0.8333 is 0.0667 short of the required 0.9000 (champion v2 0.9000 + "
-            "min_improvement 0.0)") in out.split("contrastive   ")[-1].splitlines()[1]
+            "min_improvement 0.0)") in out.split("clip   ")[-1].splitlines()[1]
     assert fact(out, "model folders") == "artifacts/model, artifacts/clip_model"
     assert fact(out, "MLflow UI") == (f"mlflow ui --backend-store-uri sqlite:///{project.resolve()}/mlflow.db   "
                                       "then open http://127.0.0.1:5000")
@@ -301,7 +301,7 @@ def test_missing_files_show_what_is_there_and_which_stage_to_run(project):
     out = galen("summary").stdout
     rows = table_rows(out)
     assert rows["classification"] == ["6", "accuracy = 0.833", "0.333", "0.500"]
-    assert "zero-shot classification" not in rows and "contrastive" not in out
+    assert "zero-shot classification" not in rows and "clip (" not in out
     assert "galen-generalist" not in out and "champion" not in out
     assert fact(out, "model folders") == "artifacts/model, artifacts/clip_model (not there)"
     assert "MLflow UI" in out
@@ -332,7 +332,7 @@ def test_a_registration_without_promotion_and_a_stale_report_say_so(project):
     stale = out.split(fact(out, "generalist"))[1].splitlines()[1].strip()
     assert stale == ("stale: registered from MLflow run ffff0000ffff0000ffff0000ffff0000, the metrics file is of run "
                      f"{EVAL_RUN}; re-run the register stage")
-    assert "stale" not in fact(out, "contrastive") and out.count("stale:") == 1
+    assert "stale" not in fact(out, "clip") and out.count("stale:") == 1
 
 
 def test_no_metrics_at_all_is_a_clear_error(project):

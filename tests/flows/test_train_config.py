@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from galen.flows.train.trainer import check_inputs, load_train_config
+from galen.flows.train.generalist_trainer import check_inputs, load_train_config
 from galen.model.errors import GalenInputError
 
 
@@ -56,7 +56,7 @@ def test_curriculum_phase_has_its_own_weights_then_the_mixture_with_objectives_o
 
 
 def test_lr_rewarms_after_the_curriculum_and_rejoins_the_decay():
-    from galen.flows.train.trainer import lr_schedule
+    from galen.flows.train.generalist_trainer import lr_schedule
 
     plain = load_train_config(params(finetune={"steps": 100}), "finetune")
     cfg = load_train_config(params(finetune={"steps": 100, "curriculum": {
@@ -72,7 +72,7 @@ def test_lr_rewarms_after_the_curriculum_and_rejoins_the_decay():
 def test_closed_vqa_source_counts_and_reads_the_closed_rows_of_the_vqa_shards(demo_shards):
     import pyarrow.parquet as pq
 
-    from galen.flows.train.trainer import source_rows, step_planners, training_sources
+    from galen.flows.train.generalist_trainer import source_rows, step_planners, training_sources
 
     cfg = load_train_config(params(shards=str(demo_shards), finetune={"steps": 50, "tasks": ["vqa", "nli"],
                                                                        "curriculum": {"steps": 10, "objectives": {
@@ -93,7 +93,7 @@ def test_closed_vqa_source_counts_and_reads_the_closed_rows_of_the_vqa_shards(de
 
 
 def test_pretraining_can_weight_closed_vqa_as_its_own_objective(demo_shards):
-    from galen.flows.train.trainer import source_rows, step_planners, training_sources
+    from galen.flows.train.generalist_trainer import source_rows, step_planners, training_sources
 
     cfg = load_train_config(params(shards=str(demo_shards), pretrain={
         "steps": 50, "objectives": {"caption": 1.0, "vqa_closed": 0.5},
@@ -112,7 +112,7 @@ def test_the_model_is_built_for_the_size_its_shards_are_trained_and_served_at(tm
     infilling (which builds its own 256-px images) included."""
     import json
 
-    from galen.flows.train.trainer import model_image_size
+    from galen.flows.train.generalist_trainer import model_image_size
 
     manifest = {"image_size": {"caption": 128, "vqa": 128, "grounding": 160}}
     pretrain = load_train_config(params(), "pretrain")

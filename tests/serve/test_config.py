@@ -45,7 +45,7 @@ def test_serve_config_is_one_serve_deploy_accepts():
     (app,) = cfg.applications
     assert app.import_path == "galen.serve.app:build_app" and app.route_prefix == "/"
     dep, clip = app.deployments
-    assert clip.name == "GalenContrastive" and clip.autoscaling_config["min_replicas"] >= 1
+    assert clip.name == "GalenClip" and clip.autoscaling_config["min_replicas"] >= 1
     assert dep.name == "GalenGeneralist" and dep.user_config == {"model_name": "galen-generalist", "alias": "champion"}
     assert dep.max_ongoing_requests >= ServeSettings.from_params(ROOT / "params.yaml").max_batch_size
     ServeSettings().replace(dep.user_config)  # every user_config key is a setting
@@ -77,8 +77,8 @@ def test_build_app_binds_the_deployment_with_settings_from_params(monkeypatch, t
     dep = app._bound_deployment
     assert dep.user_config == {"model_name": "galen-generalist", "alias": "challenger"}
     assert dep.max_ongoing_requests == 64
-    clip = dep.init_args[1]._bound_deployment  # the GalenContrastive handle it answers /v1/embed etc. through
-    assert clip.name == "GalenContrastive" and clip.ray_actor_options["num_cpus"] == 0.5
+    clip = dep.init_args[1]._bound_deployment  # the GalenClip handle it answers /v1/embed etc. through
+    assert clip.name == "GalenClip" and clip.ray_actor_options["num_cpus"] == 0.5
     assert clip._deployment_config.autoscaling_config.max_replicas == 2  # the config file's options, not defaults
     with pytest.raises(GalenInputError, match="unknown serve settings"):
         app_from_config(load_serve_config(), user_config={"alais": "x"})

@@ -1,4 +1,4 @@
-"""The contrastive routes of the running endpoint (real `galen serve`, real MLflow registry): a
+"""The CLIP routes of the running endpoint (real `galen serve`, real MLflow registry): a
 random `micro` model is registered as galen-clip and promoted; the endpoint picks it up by polling
 the alias, and its answers must equal the same model run locally."""
 
@@ -20,19 +20,19 @@ CLIP = "galen-clip"
 def clip_model(registry, demo_tokenizer, tmp_path_factory):
     """galen-clip version 1 (champion): a random micro model with the demo tokenizer."""
     from galen.flows.params import load_params
-    from galen.flows.registry import CONTRASTIVE, MetricRule, RegistryConfig, promote, register
-    from galen.model.contrastive import ContrastiveModel
+    from galen.flows.registry import CLIP, MetricRule, RegistryConfig, promote, register
+    from galen.model.clip import ClipModel
 
     root = tmp_path_factory.mktemp("clip_registry")
-    model = ContrastiveModel.create("micro", demo_tokenizer, seed=0)
+    model = ClipModel.create("micro", demo_tokenizer, seed=0)
     model.save_pretrained(root / "model")
     (root / "metrics.json").write_text(json.dumps({"zero_shot": {"accuracy": 0.5}}))
     config = RegistryConfig(model_name=CLIP, experiment="galen-clip-evaluate",
                             metrics=[MetricRule("zero_shot.accuracy")])
     reg = register(root / "model", config, load_params(ROOT / "params.yaml"), metrics_file=root / "metrics.json",
-                   uri=registry.uri, project=ROOT, kind=CONTRASTIVE)
+                   uri=registry.uri, project=ROOT, kind=CLIP)
     assert promote(config, version=reg.version, uri=registry.uri).promoted
-    return ContrastiveModel.from_pretrained(root / "model")
+    return ClipModel.from_pretrained(root / "model")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def clip_server(server, clip_model):
         if status.get("status") == "ok":
             return server
         time.sleep(1)
-    pytest.fail(f"the contrastive model was not picked up: {status}\n{server.log_tail()}")
+    pytest.fail(f"the CLIP model was not picked up: {status}\n{server.log_tail()}")
 
 
 def _vec(r) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The contrastive model in the Serve application: deployment `GalenContrastive` and the request
+"""The CLIP model in the Serve application: deployment `GalenClip` and the request
 handling behind the ingress routes of serve/app.py.
 
     POST /v1/embed        {"image": b64} or {"text": ...}        -> normalized embedding
@@ -44,9 +44,9 @@ class Loaded:
         self.class_cache: dict[tuple, Any] = {}
 
 
-@serve.deployment(name="GalenContrastive", max_ongoing_requests=64, health_check_period_s=10,
+@serve.deployment(name="GalenClip", max_ongoing_requests=64, health_check_period_s=10,
                   health_check_timeout_s=30, graceful_shutdown_timeout_s=30, ray_actor_options={"num_cpus": 0.5})
-class GalenContrastive:
+class GalenClip:
     def __init__(self, settings: Mapping[str, Any] | None = None):
         self.settings = ServeSettings().replace(settings)
         self.current: Loaded | None = None
@@ -62,9 +62,9 @@ class GalenContrastive:
         self._encode.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         try:
             self._refresh()
-        except Exception as e:  # noqa: BLE001 - no contrastive model yet: answer 503 and keep looking
+        except Exception as e:  # noqa: BLE001 - no CLIP model yet: answer 503 and keep looking
             self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("no contrastive model loaded: %s", self.last_error)
+            log.warning("no CLIP model loaded: %s", self.last_error)
         threading.Thread(target=self._watch, name="galen-clip-watch", daemon=True).start()
 
     # -- model lifecycle -----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class GalenContrastive:
         return self.settings.replace({"model_name": self.settings.clip_model_name, "alias": self.settings.clip_alias})
 
     def _refresh(self) -> bool:
-        from galen.model.contrastive import ContrastiveModel, RetrievalIndex
+        from galen.model.clip import ClipModel, RetrievalIndex
 
         with self._lock:
             settings = self._clip_settings()
@@ -82,7 +82,7 @@ class GalenContrastive:
             if cur is not None and (cur.ref.name, cur.ref.version) == (ref.name, ref.version):
                 return False
             folder, _ = download(ref, settings, uri, marker="open_clip_config.json")
-            model = ContrastiveModel.from_pretrained(folder)
+            model = ClipModel.from_pretrained(folder)
             index = None
             if self.settings.clip_index:
                 index = RetrievalIndex.load(self.settings.clip_index)
@@ -170,7 +170,7 @@ class GalenContrastive:
         cur = self.current
         if cur is None:
             name, alias = self.settings.clip_model_name, self.settings.clip_alias
-            return _error(503, "model_unavailable", f"no contrastive model is loaded: {self.last_error or 'loading'}; "
+            return _error(503, "model_unavailable", f"no CLIP model is loaded: {self.last_error or 'loading'}; "
                           f"register one as {name!r} with alias {alias!r} (galen clip register --promote)")
         return cur
 
@@ -191,7 +191,7 @@ class GalenContrastive:
         return self._named(cur, await self._call(run()))
 
     async def zero_shot(self, job: dict[str, Any]) -> dict[str, Any]:
-        from galen.model.contrastive import DEFAULT_TEMPLATES
+        from galen.model.clip import DEFAULT_TEMPLATES
 
         cur = self._loaded()
         if isinstance(cur, dict):
@@ -217,7 +217,7 @@ class GalenContrastive:
     async def retrieve(self, job: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from galen.model.contrastive import rank
+        from galen.model.clip import rank
 
         cur = self._loaded()
         if isinstance(cur, dict):
@@ -267,16 +267,16 @@ def _truncated(model: Any, text: str) -> bool:
 
 
 def bind(settings: ServeSettings, options: Mapping[str, Any] | None = None) -> Any:
-    """The bound deployment, or None when the contrastive model is switched off (clip_model_name null)."""
+    """The bound deployment, or None when the CLIP model is switched off (clip_model_name null)."""
     if settings.clip_model_name is None:
         return None
-    return GalenContrastive.options(**dict(options or {})).bind(settings.to_dict())
+    return GalenClip.options(**dict(options or {})).bind(settings.to_dict())
 
 
 def check_index_compatible(settings: ServeSettings) -> None:
     """A configured index must be readable before deploying (a bad path fails `galen serve` at once)."""
     if settings.clip_index:
-        from galen.model.contrastive import RetrievalIndex
+        from galen.model.clip import RetrievalIndex
 
         try:
             RetrievalIndex.load(settings.clip_index)

@@ -1,4 +1,4 @@
-"""Contrastive training: params checked before any worker starts, then the demo training for real
+"""CLIP training: params checked before any worker starts, then the demo training for real
 (`galen clip train`: 2 Ray Train workers under DeepSpeed, features gathered across them) must
 make zero-shot classification of held-out demo patches far better than chance, and the folder it
 writes must load in open_clip itself."""
@@ -27,14 +27,14 @@ from tests.flows.train_procs import GalenJob, cleanup_dir, isolated_env, short_t
     ({"placement_strategy": "SPREAD_OUT"}, "placement_strategy must be one of"),
 ])
 def test_bad_params_are_named(train, words):
-    from galen.flows.train.contrastive_trainer import load_clip_train_config
+    from galen.flows.train.clip_trainer import load_clip_train_config
 
     with pytest.raises(GalenInputError, match=re.escape(words)):
         load_clip_train_config({"clip": {"train": train}})
 
 
 def test_missing_inputs_fail_before_any_worker(tmp_path, demo_shards):
-    from galen.flows.train.contrastive_trainer import ClipTrainConfig, check_inputs
+    from galen.flows.train.clip_trainer import ClipTrainConfig, check_inputs
 
     with pytest.raises(GalenInputError, match="run `dvc repro shards` first"):
         check_inputs(ClipTrainConfig(shards=str(tmp_path / "nowhere")))
@@ -53,8 +53,8 @@ def test_demo_training_makes_zero_shot_far_better_than_chance(tmp_path, demo_sha
     import torch
     from PIL import Image
 
-    from galen.flows.evaluate_contrastive import evaluate_clip
-    from galen.model.contrastive import ContrastiveModel
+    from galen.flows.evaluate_clip import evaluate_clip
+    from galen.model.clip import ClipModel
 
     out = tmp_path / "clip"
     train = {"config": "micro", "steps": 30, "batch_size": 32, "num_workers": 2, "zero_stage": 1,
@@ -79,7 +79,7 @@ def test_demo_training_makes_zero_shot_far_better_than_chance(tmp_path, demo_sha
     assert zero["accuracy"] > 3 * zero["chance"], zero          # 9 classes: chance 0.11
     assert metrics["retrieval"]["image_to_text"]["recall_at_10"] > 0
 
-    model = ContrastiveModel.from_pretrained(out)
+    model = ClipModel.from_pretrained(out)
     clip, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{out}")
     clip.eval()
     image = Image.open(io.BytesIO(next(iter(_images(demo_shards)))))

@@ -1,11 +1,11 @@
-"""`galen clip train`: contrastive (CLIP) training on Ray Train workers under DeepSpeed.
+"""`galen clip train`: CLIP training on Ray Train workers under DeepSpeed.
 
-The same machinery as the generalist's trainer (`flows.train.trainer`): checks before any worker
+The same machinery as the generalist's trainer (`flows.train.generalist_trainer`): checks before any worker
 starts, a job named by its params (a rerun resumes an unfinished job), one MLflow run per job,
 checkpoints every `checkpoint_every` steps restored after a worker dies (`FailureConfig`), local or
 s3:// storage. What differs is the step: every worker embeds its batch of image-text pairs, the
 features of all workers are gathered with gradients and each worker scores its own rows against
-every column (symmetric InfoNCE with a learnable temperature, `model.losses.contrastive_loss`).
+every column (symmetric InfoNCE with a learnable temperature, `model.losses.clip_loss`).
 
 Pairs come from the shards of the data stages: `caption` rows (caption-csv, webdataset, report
 datasets) pair an image with its caption; `classification` rows become captions of their class
@@ -33,8 +33,8 @@ class ClipTrainConfig:
     """params.yaml `clip:` `train` section (recipe defaults after BiomedCLIP: AdamW betas (0.9, 0.98),
     eps 1e-6, weight decay 0.2, warmup then cosine)."""
 
-    config: str = "micro"                   # named config (model.contrastive.CONFIGS), unless init
-    init: str | None = None                 # a contrastive model folder to start from (e.g. imported BiomedCLIP)
+    config: str = "micro"                   # named config (model.clip.CONFIGS), unless init
+    init: str | None = None                 # a CLIP model folder to start from (e.g. imported BiomedCLIP)
     sources: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "classification": 1.0})
     label_templates: list[str] = field(default_factory=lambda: list(LABEL_TEMPLATES))
     steps: int = 300
@@ -62,14 +62,14 @@ class ClipTrainConfig:
     cache_rows: int = 10000                 # a worker's shard of a source up to this many rows is cycled in memory
 
     def check(self) -> None:
-        from galen.flows.train.trainer import run_field_problems
-        from galen.model.contrastive import CONFIGS
+        from galen.flows.train.generalist_trainer import run_field_problems
+        from galen.model.clip import CONFIGS
 
         problems = []
         if not self.init and self.config not in CONFIGS:
             problems.append(f"config {self.config!r} is not one of {', '.join(sorted(CONFIGS))}")
         if self.zero_stage not in (0, 1, 2):
-            problems.append(f"zero_stage must be 0, 1 or 2 for the contrastive model (its features are gathered "
+            problems.append(f"zero_stage must be 0, 1 or 2 for the CLIP model (its features are gathered "
                             f"every step; ZeRO-2 already shards what pays off), got {self.zero_stage}")
         problems += run_field_problems(self, ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every",
                                               "cache_rows"))
@@ -118,13 +118,13 @@ def check_inputs(cfg: ClipTrainConfig) -> dict[str, list[str]]:
     """Pair shards per source (counted against the manifest), the tokenizer and the init folder,
     checked before any worker starts."""
     from galen.flows.shards import shard_paths
-    from galen.flows.train.trainer import check_shard_rows
+    from galen.flows.train.generalist_trainer import check_shard_rows
 
     shards = Path(cfg.shards)
     if not (shards / "manifest.json").is_file():
         raise GalenInputError(f"no shards at {shards} (manifest.json missing); run `dvc repro shards` first")
     if cfg.init:
-        from galen.model.contrastive import read_spec
+        from galen.model.clip import read_spec
 
         read_spec(Path(cfg.init))
     elif not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
@@ -147,7 +147,7 @@ def _cosine(total: int, warmup: int):
 
 
 def clip_worker(config: dict) -> None:
-    """The Ray Train worker loop of contrastive training."""
+    """The Ray Train worker loop of CLIP training."""
     import deepspeed
     import ray.train
     import torch
@@ -155,11 +155,11 @@ def clip_worker(config: dict) -> None:
 
     from galen.flows.ingest.schema import from_row
     from galen.flows.tracking import TrainingRun
+    from galen.flows.train.generalist_trainer import _save_state, save_final_model
     from galen.flows.train.objectives import step_rng
     from galen.flows.train.streams import endless_rows, prefetched
-    from galen.flows.train.trainer import _save_state, save_final_model
-    from galen.model.contrastive import ContrastiveModel
-    from galen.model.losses import contrastive_loss
+    from galen.model.clip import ClipModel
+    from galen.model.losses import clip_loss
     from galen.model.tokenizer import GalenTokenizer
     from galen.model.vision import load_image
 
@@ -168,9 +168,9 @@ def clip_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
     if cfg.init:
-        wrapper = ContrastiveModel.from_pretrained(cfg.init)
+        wrapper = ClipModel.from_pretrained(cfg.init)
     else:
-        wrapper = ContrastiveModel.create(cfg.config, GalenTokenizer.load(cfg.tokenizer), seed=cfg.seed)
+        wrapper = ClipModel.create(cfg.config, GalenTokenizer.load(cfg.tokenizer), seed=cfg.seed)
     model = wrapper.clip.train()
     from open_clip.transform import image_transform
 
@@ -185,7 +185,7 @@ def clip_worker(config: dict) -> None:
         "gradient_clipping": cfg.grad_clip, "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"}, "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9})
-    loss_fn = contrastive_loss(rank, world)
+    loss_fn = clip_loss(rank, world)
 
     step, consumed = 0, {t: 0 for t in config["counts"]}
     checkpoint = ray.train.get_checkpoint()
@@ -257,14 +257,14 @@ def clip_worker(config: dict) -> None:
 
 
 def train_clip(cfg: ClipTrainConfig) -> dict:
-    """Run (or resume) the contrastive training job described by `cfg`; returns the final metrics."""
+    """Run (or resume) the CLIP training job described by `cfg`; returns the final metrics."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from galen.flows.paths import tracking_uri
     from galen.flows.tracking import StorageFolder, TrainingRun, run_id_file
-    from galen.flows.train.trainer import fit_and_finish, job_location, start_ray
+    from galen.flows.train.generalist_trainer import fit_and_finish, job_location, start_ray
 
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())

@@ -1,4 +1,4 @@
-"""`galen clip evaluate`: a contrastive model on the test splits of the shards.
+"""`galen clip evaluate`: a CLIP model on the test splits of the shards.
 
     zero_shot      classification test split, per dataset: class embeddings averaged over the prompt
                    templates, softmax over the scaled cosine similarities; accuracy, macro-F1 and AUC
@@ -108,14 +108,14 @@ def evaluate_clip(model_dir: str | Path, shards_dir: str | Path, out: str | Path
     from collections import defaultdict
 
     from galen.model.checkpoint import folder_digest
-    from galen.model.contrastive import ContrastiveModel
+    from galen.model.clip import ClipModel
 
     if limit is not None and limit < 1:
         raise GalenInputError(f"--limit must be >= 1, got {limit}")
     shards = Path(shards_dir)
     if not shards.is_dir():
         raise GalenInputError(f"shards folder {shards} does not exist; run the shards stage first")
-    model = ContrastiveModel.from_pretrained(model_dir)
+    model = ClipModel.from_pretrained(model_dir)
     sha = folder_digest(model_dir)
     candidates = load_candidates(shards)
     metrics: dict[str, Any] = {}
@@ -143,7 +143,7 @@ def evaluate_clip(model_dir: str | Path, shards_dir: str | Path, out: str | Path
     if len(captions) >= 2:
         metrics["retrieval"] = retrieval_metrics(model, captions)
     if not metrics:
-        raise GalenInputError(f"{shards} has no classification or caption test split to evaluate a contrastive "
+        raise GalenInputError(f"{shards} has no classification or caption test split to evaluate a CLIP "
                               "model on; ingest a classification or caption dataset")
 
     report: dict[str, Any] = dict(metrics)
@@ -201,12 +201,12 @@ def build_index(model_dir: str | Path, shards_dir: str | Path, out: str | Path, 
                 split: str = "test", limit: int | None = None) -> Any:
     """A retrieval index of a shard split (images + captions; classification rows are captioned with
     their class name) for `/v1/retrieve`, saved to `out`."""
-    from galen.model.contrastive import ContrastiveModel, RetrievalIndex
+    from galen.model.clip import ClipModel, RetrievalIndex
 
     records = [r for task in tasks for r in _split_records(Path(shards_dir), task, split, limit) if r.image]
     if not records:
         raise GalenInputError(f"no {split} rows with images for {', '.join(tasks)} under {shards_dir}")
-    model = ContrastiveModel.from_pretrained(model_dir)
+    model = ClipModel.from_pretrained(model_dir)
     items = [{"id": r.source_id, "dataset": r.dataset, "task": r.task} for r in records]
     index = RetrievalIndex.build(model, [r.image for r in records], [r.target for r in records], items)
     index.save(out)

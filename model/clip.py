@@ -1,4 +1,4 @@
-"""The contrastive dual encoder (BiomedCLIP-style), built with open_clip.
+"""The CLIP dual encoder (BiomedCLIP-style), built with open_clip.
 
 A model is an open_clip `CLIP` (native towers) or `CustomTextCLIP` (a transformers text tower)
 made from a named config in `CONFIGS` — the open_clip `model_cfg` dicts, as data:
@@ -122,7 +122,7 @@ class ClipSpec:
 def get_spec(name: str, tokenizer: Any = None) -> ClipSpec:
     """The named config, completed for `tokenizer` (a GalenTokenizer) when its text tower is native."""
     if name not in CONFIGS:
-        raise GalenConfigError(f"unknown contrastive config {name!r}; known: {', '.join(config_names())}")
+        raise GalenConfigError(f"unknown CLIP config {name!r}; known: {', '.join(config_names())}")
     cfg = copy.deepcopy(CONFIGS[name])
     if cfg["text_cfg"].get("hf_model_name"):
         return ClipSpec(name, cfg, tokenizer="hf", hf_text_config=dict(PUBMEDBERT_CONFIG))
@@ -241,7 +241,7 @@ def check_labels(labels: Any) -> list[str]:
 DEFAULT_TEMPLATES = ("{}.", "a medical image of {}.", "an image showing {}.", "this is a photo of {}.")
 
 
-class ContrastiveModel:
+class ClipModel:
     """An open_clip model with its tokenizer and preprocessing: normalized embeddings, zero-shot
     classification and similarity, batched; the one inference API that evaluation, the pyfunc
     model and serving use."""
@@ -258,7 +258,7 @@ class ContrastiveModel:
 
     # ------------------------------------------------------------------ building and files
     @classmethod
-    def create(cls, name: str, tokenizer: Any = None, seed: int | None = None) -> ContrastiveModel:
+    def create(cls, name: str, tokenizer: Any = None, seed: int | None = None) -> ClipModel:
         """A fresh, randomly initialised model of a named config (for `biomedclip` there is no
         tokenizer to make here: import a release folder instead)."""
         spec = get_spec(name, tokenizer)
@@ -283,7 +283,7 @@ class ContrastiveModel:
             if k in state:
                 state[k] = state[k].reshape(())
         tmp = out / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "galen_format": "contrastive"})
+        save_file(state, str(tmp), metadata={"format": "pt", "galen_format": "clip"})
         tmp.replace(out / WEIGHTS_FILE)
         (out / CONFIG_FILE).write_text(json.dumps(self.spec.to_json(), indent=2) + "\n")
         if self.spec.hf_text_config:
@@ -307,7 +307,7 @@ class ContrastiveModel:
         return out
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> ContrastiveModel:
+    def from_pretrained(cls, folder: str | Path) -> ClipModel:
         """Load a Galen-saved or an official open_clip/BiomedCLIP folder, offline."""
         folder = Path(folder)
         spec = read_spec(folder)
@@ -396,7 +396,7 @@ def read_spec(folder: Path) -> ClipSpec:
         raise GalenCheckpointError(f"model folder {folder} does not exist")
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise GalenCheckpointError(f"{folder} has no {CONFIG_FILE}; a contrastive model folder is an open_clip "
+        raise GalenCheckpointError(f"{folder} has no {CONFIG_FILE}; a CLIP model folder is an open_clip "
                                    "local directory (open_clip_config.json + weights + tokenizer files)")
     hint = "copy open_clip_config.json from the model's release"
     data = read_json(path, dict, hint, GalenCheckpointError)
@@ -485,7 +485,7 @@ class RetrievalIndex:
     items: list[dict[str, Any]]             # id, caption, and whatever else describes the item
 
     @classmethod
-    def build(cls, model: ContrastiveModel, images: Sequence[Any], captions: Sequence[str],
+    def build(cls, model: ClipModel, images: Sequence[Any], captions: Sequence[str],
               items: Sequence[Mapping[str, Any]]) -> RetrievalIndex:
         if not (len(images) == len(captions) == len(items)) or not images:
             raise GalenInputError("an index needs the same non-zero number of images, captions and items")
@@ -524,7 +524,7 @@ class RetrievalIndex:
                                        f"{tuple(texts.shape)} text embeddings for {len(items)} items; rebuild it")
         return cls(images.float(), texts.float(), items)
 
-    def check_model(self, model: ContrastiveModel) -> None:
+    def check_model(self, model: ClipModel) -> None:
         if self.embed_dim != model.spec.embed_dim:
             raise GalenCheckpointError(f"the retrieval index holds {self.embed_dim}-d embeddings but the model makes "
                                        f"{model.spec.embed_dim}-d ones; rebuild the index with this model "

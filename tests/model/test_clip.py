@@ -1,4 +1,4 @@
-"""The contrastive model: loss against a hand computation, gathering across two real gloo workers,
+"""The CLIP model: loss against a hand computation, gathering across two real gloo workers,
 open_clip interop both ways (our export loads in open_clip; a BiomedCLIP-layout folder loads in
 Galen offline) and the bad inputs that must fail loudly."""
 
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from galen.model.contrastive import CONFIG_FILE, ContrastiveModel, build_clip, get_spec, load_weights
+from galen.model.clip import CONFIG_FILE, ClipModel, build_clip, get_spec, load_weights
 from galen.model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
-from galen.model.losses import contrastive_loss
+from galen.model.losses import clip_loss
 
 
 def _png(seed: int, size: int = 96) -> bytes:
@@ -37,11 +37,11 @@ def test_loss_equals_hand_computation():
 
     by_column = [[sim[j][i] for j in range(3)] for i in range(3)]
     expected = (ce(sim) + ce(by_column)) / 2
-    got = contrastive_loss()(img, txt, torch.tensor(scale))
+    got = clip_loss()(img, txt, torch.tensor(scale))
     assert float(got) == pytest.approx(expected, rel=1e-6)
     # a perfect match with a large scale costs almost nothing; swapping two captions costs a lot
-    assert float(contrastive_loss()(img, img, torch.tensor(100.0))) < 1e-3
-    assert float(contrastive_loss()(img, img[[1, 0, 2]], torch.tensor(100.0))) > 10
+    assert float(clip_loss()(img, img, torch.tensor(100.0))) < 1e-3
+    assert float(clip_loss()(img, img[[1, 0, 2]], torch.tensor(100.0))) > 10
 
 
 def _towers(seed: int = 0):
@@ -51,7 +51,7 @@ def _towers(seed: int = 0):
 
 def _loss_and_grads(images, texts, rank=0, world=1):
     vis, txt, log_scale = _towers()
-    loss = contrastive_loss(rank, world)(F.normalize(vis(images), dim=-1), F.normalize(txt(texts), dim=-1),
+    loss = clip_loss(rank, world)(F.normalize(vis(images), dim=-1), F.normalize(txt(texts), dim=-1),
                                          log_scale.exp())
     loss.backward()
     return loss.detach(), [p.grad for p in (*vis.parameters(), *txt.parameters(), log_scale)]
@@ -145,7 +145,7 @@ def test_two_gathering_workers_equal_one_process_on_the_whole_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------- interop
 @pytest.fixture(scope="module")
 def micro(demo_tokenizer):
-    return ContrastiveModel.create("micro", demo_tokenizer, seed=0)
+    return ClipModel.create("micro", demo_tokenizer, seed=0)
 
 
 def test_export_loads_in_open_clip_with_the_same_embeddings(micro, tmp_path):
@@ -161,7 +161,7 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(micro, tmp_path):
         theirs_txt = clip.encode_text(micro.text_encoder(texts), normalize=True)
     torch.testing.assert_close(theirs_img, micro.encode_images(images), rtol=0, atol=1e-5)
     torch.testing.assert_close(theirs_txt, micro.encode_texts(texts), rtol=0, atol=1e-5)
-    again = ContrastiveModel.from_pretrained(tmp_path / "m")
+    again = ClipModel.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(again.encode_texts(texts), micro.encode_texts(texts))
     with pytest.raises(Exception):  # noqa: B017 -- whatever open_clip raises; open_clip's own BPE would give ids meaningless to this model: refused
         open_clip.get_tokenizer(f"local-dir:{tmp_path / 'm'}")
@@ -179,7 +179,7 @@ def test_cli_export_and_embed(micro, tmp_path, capsys):
     assert (tmp_path / "x" / "open_clip_pytorch_model.bin").is_file()
     assert "galen" not in json.loads((tmp_path / "x" / CONFIG_FILE).read_text())
     clip, _ = open_clip.create_model_from_pretrained(f"local-dir:{tmp_path / 'x'}")
-    exported = ContrastiveModel.from_pretrained(tmp_path / "x")
+    exported = ClipModel.from_pretrained(tmp_path / "x")
     torch.testing.assert_close(exported.encode_texts(["a nodule"]), micro.encode_texts(["a nodule"]))
     capsys.readouterr()
     assert main(["clip", "embed", "--model", str(tmp_path / "x"), "--text", "a nodule"]) == 0
@@ -221,7 +221,7 @@ def biomedclip_release(tmp_path_factory):
 def test_official_biomedclip_folder_loads_offline(biomedclip_release, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder, reference = biomedclip_release
-    model = ContrastiveModel.from_pretrained(folder)
+    model = ClipModel.from_pretrained(folder)
     assert model.spec.embed_dim == 512 and model.spec.context_length == 256 and model.spec.image_size == 224
     ids = model.text_encoder(["The heart is enlarged."])
     assert ids[0, 0] == BERT_VOCAB.index("[CLS]") and ids[0, -1] == BERT_VOCAB.index("[SEP]")
@@ -238,7 +238,7 @@ def test_official_biomedclip_folder_loads_offline(biomedclip_release, tmp_path, 
     # and back out as our folder (safetensors + the BERT config), which reloads the same, offline
     model.save_pretrained(tmp_path / "ours")
     assert (tmp_path / "ours" / "text_encoder" / "config.json").is_file()
-    torch.testing.assert_close(ContrastiveModel.from_pretrained(tmp_path / "ours").encode_images([image]),
+    torch.testing.assert_close(ClipModel.from_pretrained(tmp_path / "ours").encode_images([image]),
                                model.encode_images([image]))
 
 
@@ -249,7 +249,7 @@ def test_mismatched_weights_and_tokenizers_are_refused(micro, tmp_path, demo_tok
     config["model_cfg"]["embed_dim"] = 64
     (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(GalenCheckpointError, match="shape mismatches.*text_projection"):
-        ContrastiveModel.from_pretrained(tmp_path / "m")
+        ClipModel.from_pretrained(tmp_path / "m")
 
     spec = get_spec("micro", demo_tokenizer)
     clip = build_clip(spec)
@@ -263,11 +263,11 @@ def test_mismatched_weights_and_tokenizers_are_refused(micro, tmp_path, demo_tok
         def __len__(self):
             return len(demo_tokenizer) + 10
 
-    from galen.model.contrastive import GalenTextEncoder
+    from galen.model.clip import GalenTextEncoder
 
     with pytest.raises(GalenCheckpointError, match="tokenizer has .* entries but the text tower"):
-        ContrastiveModel(clip, spec, GalenTextEncoder(Bigger(), spec.context_length))
-    with pytest.raises(GalenConfigError, match="unknown contrastive config"):
+        ClipModel(clip, spec, GalenTextEncoder(Bigger(), spec.context_length))
+    with pytest.raises(GalenConfigError, match="unknown CLIP config"):
         get_spec("vit-huge", demo_tokenizer)
 
 
@@ -280,7 +280,7 @@ def test_broken_tokenizer_files_are_refused(biomedclip_release, tmp_path):
     (broken / "vocab.txt").unlink()
     (broken / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(GalenCheckpointError, match="tokenizer files"):
-        ContrastiveModel.from_pretrained(broken)
+        ClipModel.from_pretrained(broken)
 
 
 def test_bad_inference_inputs(micro):
@@ -312,7 +312,7 @@ def test_zero_shot_probabilities(micro):
 
 
 def test_retrieval_index_round_trip_and_mismatch(micro, tmp_path, demo_tokenizer):
-    from galen.model.contrastive import RetrievalIndex
+    from galen.model.clip import RetrievalIndex
 
     images = [_png(k) for k in range(4)]
     captions = ["a nodule", "an effusion", "a normal chest", "an enlarged heart"]
@@ -324,7 +324,7 @@ def test_retrieval_index_round_trip_and_mismatch(micro, tmp_path, demo_tokenizer
     assert hits[0][0] == 1 and hits[0][1] == pytest.approx(1.0, abs=1e-5)  # the identical caption first
     want = (query @ micro.encode_images(images).T)[0].argsort(descending=True)[:3].tolist()
     assert [i for i, _ in again.search(query, "images", 3)[0]] == want
-    other = ContrastiveModel(build_clip(get_spec("small", demo_tokenizer)), get_spec("small", demo_tokenizer),
+    other = ClipModel(build_clip(get_spec("small", demo_tokenizer)), get_spec("small", demo_tokenizer),
                              micro.text_encoder)
     with pytest.raises(GalenCheckpointError, match="128-d embeddings but the model makes 256-d"):
         again.check_model(other)

@@ -33,7 +33,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def run_field_problems(cfg: Any, positive: tuple[str, ...]) -> list[str]:
-    """Checks of the fields every Galen training job shares (generalist and contrastive): precision,
+    """Checks of the fields every Galen training job shares (generalist and CLIP): precision,
     positive counts, worker placement and the storage location."""
     problems = []
     if cfg.precision not in ("fp32", "bf16"):
