@@ -1,13 +1,16 @@
-"""Both trainers end through one `save_final_model`: rank 0 writes the folder, other ranks write
-nothing, and after bf16 training the folder holds fp32 weights (the CLIP trainer used to
-write bf16 weights as they were)."""
+"""The loop ends through one `save_final_model` with the recipe's writer: rank 0 writes the folder,
+other ranks write nothing, and after bf16 training the CLIP folder holds fp32 weights (its
+trainer used to write bf16 weights as they were)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 
-from galen.flows.train.generalist_trainer import save_final_model
+from galen.flows.train.clip_trainer import ClipRecipe, ClipTrainConfig
+from galen.flows.train.loop import save_final_model
 from galen.model.clip import WEIGHTS_FILE, ClipModel
 
 
@@ -17,14 +20,16 @@ def weight_dtypes(path) -> set[torch.dtype]:
 
 
 def test_the_clip_folder_is_fp32_after_bf16_training_and_only_rank_0_writes(tmp_path, demo_model_dir):
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     wrapper = ClipModel.create("micro", GalenTokenizer.load(demo_model_dir), seed=0)
     wrapper.clip = wrapper.clip.to(torch.bfloat16)  # what DeepSpeed's bf16 engine holds
     bf16_state = {k: v.clone() for k, v in wrapper.clip.state_dict().items()}
 
-    def write(rank):
-        return lambda: wrapper.save_pretrained(tmp_path / f"rank{rank}", dtype=torch.float32)
+    def write(rank):  # the trainer's own end: its recipe's writer, after DeepSpeed's engine
+        recipe = ClipRecipe(ClipTrainConfig(out=str(tmp_path / f"rank{rank}")), {}, rank=rank, world=2)
+        recipe.wrapper = wrapper
+        return recipe.write_model(SimpleNamespace(module=wrapper.clip))
 
     save_final_model(wrapper.clip, zero_stage=1, rank=1, write=write(1))
     assert not (tmp_path / "rank1").exists()
