@@ -74,7 +74,7 @@ def embedding(args: argparse.Namespace, tmp: Path) -> dict:
     import torch
 
     from galen.model.clip import ClipModel
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     if args.config == "biomedclip":
         model = _biomedclip(tmp)

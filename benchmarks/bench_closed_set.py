@@ -3,7 +3,7 @@
 A VQA-RAD-like closed answer set of ~500 short medical answers (1-5 words: yes/no, organs,
 sides, modalities, planes, findings, counts, sizes, signal/density, "finding in organ" ...) is
 tokenized with Galen's tokenizer (a SentencePiece model trained here on the questions and
-answers; a word-level fallback is used only if `model.tokenizer` does not import). A `nano`
+answers; a word-level fallback is used only if `model.vocabulary` does not import). A `nano`
 model is first trained (not timed; fixed seed) to answer a set of questions whose answers come
 from the set, so that accuracy means something. Then, on the same questions and batches, three
 answering methods are timed side by side (interleaved, rotated order, warmup first):
@@ -195,7 +195,8 @@ class WordTokenizer:
 
 def build_tokenizer(texts: list[str], sp_vocab: int, seed: int):
     try:
-        from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
+        from galen.model.sentencepiece_text import train_sentencepiece
+        from galen.model.vocabulary import GalenTokenizer
         out = tempfile.mkdtemp(prefix="galen_bench_tok_")
         vocab = sp_vocab
         while True:
@@ -211,7 +212,7 @@ def build_tokenizer(texts: list[str], sp_vocab: int, seed: int):
         return tok, f"GalenTokenizer (SentencePiece {sp.vocab_size} text pieces + mask/codes/bins = {len(tok)} ids)"
     except Exception as e:  # noqa: BLE001
         tok = WordTokenizer(texts)
-        return tok, f"word-level stand-in ({len(tok)} ids; model.tokenizer unusable: {type(e).__name__}: {e})"
+        return tok, f"word-level stand-in ({len(tok)} ids; model.vocabulary unusable: {type(e).__name__}: {e})"
 
 
 def pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:

@@ -51,7 +51,7 @@ def run_pipeline(demo: Path, work: Path, workers: int) -> float:
         for job in jobs:
             _ingest_one(job)
     validate([work / "ingested" / n for n in datasets], work / "validated", ValidationConfig(max_bad_fraction=1.0))
-    build_shards(work / "validated", work / "shards", ShardConfig(image_size={"default": 128}, workers=workers))
+    build_shards(work / "validated", work / "shards", ShardConfig(models={"generalist": 128}, workers=workers))
     return time.perf_counter() - start
 
 

@@ -41,7 +41,8 @@ def make_model(out: Path) -> Path:
     """A random nano model with a tokenizer trained on the demo VQA text."""
     from galen.flows.cli import corpus_texts, main
     from galen.flows.demo_data import write_vqa_rad
-    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.model.sentencepiece_text import train_sentencepiece
+    from galen.model.vocabulary import GalenTokenizer
 
     write_vqa_rad(out / "vqa", num_images=24, image_size=128, seed=0)
     texts = list(corpus_texts([str(out / "vqa" / "trainset.json")], ["question", "answer"]))

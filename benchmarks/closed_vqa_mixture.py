@@ -29,7 +29,7 @@ from galen.flows.train.objectives import ExampleBuilder, StepPlanner, group_by_i
 from galen.model.config import get_config
 from galen.model.generalist import GalenModel
 from galen.model.losses import label_smoothed_cross_entropy
-from galen.model.tokenizer import GalenTokenizer
+from galen.model.vocabulary import GalenTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

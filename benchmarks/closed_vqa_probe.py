@@ -19,7 +19,7 @@ from galen.flows.shards import shard_paths
 from galen.flows.train.examples import collate
 from galen.flows.train.objectives import ExampleBuilder
 from galen.model.generalist import GalenModel
-from galen.model.tokenizer import GalenTokenizer
+from galen.model.vocabulary import GalenTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from learn_closed_vqa import yes_no_accuracy  # noqa: E402
 from galen.flows.evaluate import eval_records  # noqa: E402
 from galen.flows.train.examples import make_example  # noqa: E402
 from galen.model.generalist import GalenModel  # noqa: E402
-from galen.model.tokenizer import GalenTokenizer  # noqa: E402
+from galen.model.vocabulary import GalenTokenizer  # noqa: E402
 
 
 def main() -> None:

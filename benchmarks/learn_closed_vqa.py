@@ -32,7 +32,7 @@ from galen.flows.train.examples import Example, collate, make_example  # noqa: E
 from galen.model.config import get_config  # noqa: E402
 from galen.model.generalist import GalenModel  # noqa: E402
 from galen.model.losses import label_smoothed_cross_entropy  # noqa: E402
-from galen.model.tokenizer import GalenTokenizer  # noqa: E402
+from galen.model.vocabulary import GalenTokenizer  # noqa: E402
 
 
 def closed_records(folder: Path, split: str, presence_only: bool) -> list[Record]:

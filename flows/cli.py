@@ -7,13 +7,18 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from galen.flows.cli_options import Command, CommandParser, ConfigOptions, add_commands, arg, opt
+from galen.model.config import SIZES
 from galen.model.errors import GalenError, GalenInputError
+from galen.model.tasks import TASKS
 
 CORPUS_FIELDS = ("question", "answer", "report", "caption", "sentence1", "sentence2", "text", "CHQ", "Summary")
 
@@ -61,7 +66,7 @@ def cmd_model_init(args: argparse.Namespace) -> None:
 
     from galen.model.config import get_config
     from galen.model.generalist import GalenModel
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     tok = GalenTokenizer.load(args.tokenizer)
     torch.manual_seed(args.seed)
@@ -103,7 +108,8 @@ def corpus_texts(paths: Sequence[str], fields: Sequence[str]) -> Iterator[str]:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.model.sentencepiece_text import train_sentencepiece
+    from galen.model.vocabulary import GalenTokenizer
 
     text = train_sentencepiece(corpus_texts(args.corpus, args.fields), args.out, vocab_size=args.vocab_size,
                                model_type=args.model_type, seed=args.seed)
@@ -114,7 +120,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     tok = GalenTokenizer.load(args.tokenizer)
     ids = tok.encode(args.text)
@@ -125,7 +131,8 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
 def _reference_tokenizer(args: argparse.Namespace):
     """The GPT-2 BPE tokenizer that comes with a reference checkpoint (None with --no-tokenizer)."""
     from galen.model.errors import GalenCheckpointError
-    from galen.model.tokenizer import GalenTokenizer, GPT2BPEText
+    from galen.model.gpt2_bpe import GPT2BPEText
+    from galen.model.vocabulary import GalenTokenizer
 
     if args.no_tokenizer:
         return None
@@ -174,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from galen.model.errors import GalenCheckpointError
     from galen.model.generalist import GalenModel
     from galen.model.interop import export_hf_ofa
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     model = GalenModel.from_pretrained(args.model)
     try:
@@ -252,8 +259,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     cfg = ValidationConfig.from_params(section(load_params(args.params), "validate"))
     inputs = []
-    for arg in args.inputs:  # folders, or glob patterns such as data/ingested/*
-        matches = sorted(Path().glob(arg)) if any(ch in arg for ch in "*?[") else [Path(arg)]
+    for pattern in args.inputs:  # folders, or glob patterns such as data/ingested/*
+        matches = sorted(Path().glob(pattern)) if any(ch in pattern for ch in "*?[") else [Path(pattern)]
         inputs += [m for m in matches if m.is_dir()]
     if not inputs:
         raise GalenError(f"no ingested folders match {args.inputs}; run the ingest stage first")
@@ -263,10 +270,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from galen.flows.params import load_params, section
+    from galen.flows.params import load_params
     from galen.flows.shards import ShardConfig, build_shards
 
-    cfg = ShardConfig.from_params(section(load_params(args.params), "shards"))
+    cfg = ShardConfig.from_params(load_params(args.params))  # `shards:`, for the models params.yaml trains
     if args.workers:
         cfg.workers = args.workers
     manifest = build_shards(args.validated, args.out, cfg)
@@ -296,10 +303,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from galen.flows.params import load_params
     from galen.flows.train.generalist_trainer import load_train_config, train
 
-    cfg = load_train_config(load_params(args.params), args.stage, steps=args.steps, num_workers=args.workers,
-                            zero_stage=args.zero_stage, run_name=args.run_name, out=args.out, init=args.init,
-                            batch_size=args.batch_size, metrics=args.metrics, size=args.size,
-                            use_gpu=args.use_gpu or None, precision=args.precision)
+    cfg = load_train_config(load_params(args.params), args.stage, **TRAIN.values(args))
     result = train(cfg)
     print(f"trained ({cfg.stage}, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers): {result}; model in {cfg.out}")
 
@@ -329,7 +333,7 @@ def cmd_learn_check(args: argparse.Namespace) -> None:
     from galen.model.config import get_config
     from galen.model.errors import GalenInputError
     from galen.model.generalist import GalenModel
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     records = [r for r in read_records(args.data) if r.task == args.task and r.split == "train" and not r.problem]
     records = records[: args.limit]
@@ -357,8 +361,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from galen.model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate
     from galen.model.generalist import GalenModel
     from galen.model.tasks import build_prompt
-    from galen.model.tokenizer import GalenTokenizer
     from galen.model.vision import preprocess_images
+    from galen.model.vocabulary import GalenTokenizer
 
     model = GalenModel.from_pretrained(args.model)
     tok = GalenTokenizer.load(args.model)
@@ -381,7 +385,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from galen.flows.evaluate import evaluate
     from galen.model.predict import PredictConfig
 
-    config = PredictConfig(closed_set_mode=args.closed_set_mode, max_batch_size=args.batch_size)
+    config = PredictConfig(**EVALUATE_DECODING.values(args))
     report = evaluate(args.model, args.shards, args.out, limit=args.limit, tasks=args.tasks, predict_config=config,
                       log_mlflow=not args.no_mlflow, run_id=args.run_id, experiment=args.experiment,
                       predictions_path=args.predictions, plots_dir=args.plots, samples=args.samples)
@@ -454,10 +458,7 @@ def cmd_clip_train(args: argparse.Namespace) -> None:
     from galen.flows.params import load_params
     from galen.flows.train.clip_trainer import load_clip_train_config, train_clip
 
-    cfg = load_clip_train_config(load_params(args.params), steps=args.steps, num_workers=args.workers,
-                                 zero_stage=args.zero_stage, config=args.config, init=args.init, out=args.out,
-                                 batch_size=args.batch_size, metrics=args.metrics, run_name=args.run_name,
-                                 use_gpu=True if args.use_gpu else None, precision=args.precision)
+    cfg = load_clip_train_config(load_params(args.params), **CLIP_TRAIN.values(args))
     result = train_clip(cfg)
     print(f"trained {cfg.out} (MLflow run {result['run_id']}, {result.get('samples_per_s', 0):.1f} samples/s)")
 
@@ -543,8 +544,7 @@ def cmd_clip_embed(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from galen.serve.app import DEFAULT_CONFIG, run_local
 
-    user_config = {k: v for k, v in (("model_name", args.model_name), ("alias", args.alias),
-                                     ("poll_interval_s", args.poll_interval)) if v is not None}
+    user_config = SERVE_SETTINGS.values(args)  # only the settings given
     if args.no_batching:
         user_config["batching"] = False
     run_local(args.config or DEFAULT_CONFIG, host=args.host, port=args.port, user_config=user_config,
@@ -552,310 +552,293 @@ def cmd_serve(args: argparse.Namespace) -> None:
               ready_file=args.ready_file)
 
 
-# -- parser ----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from galen.model.config import SIZES
-    from galen.model.tasks import TASKS
-
-    p = argparse.ArgumentParser(prog="galen", description="Galen: biomedical vision-language models from raw "
-                                "datasets to a live endpoint.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    model = sub.add_parser("model", help="model sizes and model folders").add_subparsers(
-        dest="model_command", required=True, metavar="SUBCOMMAND")
-    info = model.add_parser("info", help="parameter counts and config of a named size")
-    info.add_argument("--size", default="base", choices=[*SIZES, "all"])
-    info.add_argument("--vocab-size", type=int, default=None, help="count with this vocabulary instead of the "
-                      "reference 59,457")
-    info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=cmd_model_info)
-    init = model.add_parser("init", help="write a freshly initialised model folder (weights, config, tokenizer)")
-    init.add_argument("--size", required=True, choices=list(SIZES))
-    init.add_argument("--tokenizer", required=True, help="folder written by `galen tokenizer train`")
-    init.add_argument("--out", required=True)
-    init.add_argument("--seed", type=int, default=0)
-    init.set_defaults(func=cmd_model_init)
-
-    tok = sub.add_parser("tokenizer", help="train and try the text tokenizer").add_subparsers(
-        dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
-    train = tok.add_parser("train", help="train a SentencePiece model on a text corpus")
-    train.add_argument("--corpus", nargs="+", required=True, help=".txt (a text per line), .json or .jsonl files, "
-                       "or folders of Galen Parquet shards (their training split's text)")
-    train.add_argument("--fields", nargs="+", default=list(CORPUS_FIELDS), help="text fields of JSON records")
-    train.add_argument("--out", required=True)
-    train.add_argument("--vocab-size", type=int, default=8000)
-    train.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
-    train.add_argument("--seed", type=int, default=0)
-    train.set_defaults(func=cmd_tokenizer_train)
-    enc = tok.add_parser("encode", help="show the ids of a text")
-    enc.add_argument("--tokenizer", required=True)
-    enc.add_argument("text")
-    enc.set_defaults(func=cmd_tokenizer_encode)
-
-    demo = sub.add_parser("demo-data", help="write the procedural demo datasets in real raw layouts")
-    demo.add_argument("--out", required=True)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scale", type=float, default=1.0, help="multiplies every generated count")
-    demo.add_argument("--image-size", type=int, default=128)
-    demo.set_defaults(func=cmd_demo_data)
-
-    ing = sub.add_parser("ingest", help="read a dataset in its real layout into normalized Parquet shards")
-    ing.add_argument("--list-formats", action="store_true", help="print the dataset formats and exit")
-    ing.add_argument("--format", help="dataset format (see --list-formats)")
-    ing.add_argument("--source", help="the dataset's folder or file")
-    ing.add_argument("--dataset", help="take format/source/options from params.yaml ingest.datasets.NAME")
-    ing.add_argument("--option", action="append", metavar="KEY=VALUE", help="adapter option (repeatable)")
-    ing.add_argument("--out", help="output folder of Parquet shards")
-    ing.add_argument("--params", default="params.yaml")
-    ing.set_defaults(func=cmd_ingest)
-
-    dl = sub.add_parser("download", help="download a public dataset, checksums verified (needs internet)")
-    dl.add_argument("name", nargs="?", help="dataset name (see --list)")
-    dl.add_argument("--list", action="store_true", help="list the datasets and how each is obtained")
-    dl.add_argument("--out", default="data/raw", help="folder to download into")
-    dl.add_argument("--flags", nargs="+", help="MedMNIST subsets, e.g. pathmnist organcmnist")
-    dl.add_argument("--size", type=int, help="MedMNIST image size (28, 64, 128, 224)")
-    dl.add_argument("--timeout", type=float, default=60)
-    dl.set_defaults(func=cmd_download)
-
-    val = sub.add_parser("validate", help="check every ingested row; quarantine bad ones with a reason")
-    val.add_argument("--inputs", nargs="+", required=True, help="ingested shard folders (globs allowed)")
-    val.add_argument("--out", required=True)
-    val.add_argument("--report", help="write the data report (a DVC metric) here instead of OUT/report.json")
-    val.add_argument("--params", default="params.yaml")
-    val.set_defaults(func=cmd_validate)
-
-    sh = sub.add_parser("shards", help="per task/split training shards with resized images")
-    sh.add_argument("--validated", required=True)
-    sh.add_argument("--out", required=True)
-    sh.add_argument("--workers", type=int, default=0, help="processes (default: params.yaml shards.workers)")
-    sh.add_argument("--params", default="params.yaml")
-    sh.set_defaults(func=cmd_shards)
-
-    ic = sub.add_parser("image-codes", help="discrete image codes for image infilling").add_subparsers(
-        dest="image_codes_command", required=True, metavar="SUBCOMMAND")
-    ict = ic.add_parser("train", help="train the k-means patch codebook (settings: params.yaml image_codes)")
-    ict.add_argument("--data", required=True, help="folder of validated Parquet shards")
-    ict.add_argument("--out", required=True)
-    ict.add_argument("--params", default="params.yaml")
-    ict.set_defaults(func=cmd_image_codes_train)
-    ice = ic.add_parser("encode", help="codes of the training images' middle crops, keyed by image sha1")
-    ice.add_argument("--data", required=True, help="folder of validated Parquet shards")
-    ice.add_argument("--codes", required=True, help="image tokenizer folder (trained or precomputed)")
-    ice.add_argument("--out", required=True, help="Parquet file to write")
-    ice.set_defaults(func=cmd_image_codes_encode)
-
-    tr = sub.add_parser("train", help="pretrain or fine-tune on Ray Train + DeepSpeed (settings: params.yaml train)")
-    tr.add_argument("--stage", required=True, choices=["pretrain", "finetune"])
-    tr.add_argument("--params", default="params.yaml")
-    tr.add_argument("--steps", type=int, help="override train.steps")
-    tr.add_argument("--workers", type=int, help="override train.num_workers")
-    tr.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="override train.zero_stage")
-    tr.add_argument("--run-name", help="MLflow run name (default galen-<stage>); re-running the same params resumes "
-                    "an unfinished job")
-    tr.add_argument("--init", help="start from this model folder (pretrained or imported)")
-    tr.add_argument("--out", help="where to save the trained model folder")
-    tr.add_argument("--batch-size", type=int, help="override train.batch_size (per worker and micro-step)")
-    tr.add_argument("--size", choices=list(SIZES), help="override train.size (must match --init's checkpoint)")
-    tr.add_argument("--use-gpu", action="store_true", help="one GPU per worker (override train.use_gpu)")
-    tr.add_argument("--precision", choices=["fp32", "bf16"], help="override train.precision (bf16 on GPU)")
-    tr.add_argument("--metrics", help="write the final metrics (and the MLflow run id) to this JSON file")
-    tr.set_defaults(func=cmd_train)
-
-    sm = sub.add_parser("submit", help="run a galen command (e.g. train) on a Ray cluster through the Ray Jobs API",
-                        description="galen submit [options] -- train --stage finetune --params params.yaml")
-    sm.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)")
-    sm.add_argument("--project", default=".", help="project folder uploaded as the job's working_dir")
-    sm.add_argument("--cluster-dir", help="run in this project folder on the nodes instead (nothing uploaded)")
-    sm.add_argument("--exclude", action="append", help="more upload excludes (.gitignore-style, repeatable)")
-    sm.add_argument("--env", action="append", metavar="NAME[=VALUE]", help="env var for the job (repeatable)")
-    sm.add_argument("--job-id", help="submission id (default: Ray picks one)")
-    sm.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
-    sm.add_argument("command", nargs=argparse.REMAINDER, help="the galen command, after --")
-    sm.set_defaults(func=cmd_submit)
-
-    lc = sub.add_parser("learn-check", help="train a small model on a few records until it answers them all")
-    lc.add_argument("--data", required=True, help="folder of Galen Parquet shards (ingested or validated)")
-    lc.add_argument("--task", default="vqa", help="task of the records to learn (short answers: vqa, nli, ...)")
-    lc.add_argument("--tokenizer", required=True)
-    lc.add_argument("--size", default="nano", choices=list(SIZES))
-    lc.add_argument("--limit", type=int, default=16, help="number of records to learn")
-    lc.add_argument("--max-steps", type=int, default=400)
-    lc.add_argument("--lr", type=float, default=1e-3)
-    lc.add_argument("--seed", type=int, default=0)
-    lc.add_argument("--require-accuracy", type=float, default=1.0, help="fail below this accuracy")
-    lc.add_argument("--metrics", help="write a JSON metrics file here")
-    lc.add_argument("--out", help="save the trained model folder here")
-    lc.set_defaults(func=cmd_learn_check)
-
-    imp = sub.add_parser("import-checkpoint", help="import released BiomedGPT/OFA weights (fairseq .pt or "
-                         "transformers-OFA folder) into a Galen model folder")
-    imp.add_argument("--from", dest="layout", required=True, choices=["fairseq", "hf"])
-    imp.add_argument("path", help="the fairseq checkpoint .pt file, or the transformers-OFA model folder")
-    imp.add_argument("--out", required=True, help="Galen model folder to write")
-    imp.add_argument("--ema", action="store_true", help="take the EMA weights (fairseq extra_state.ema)")
-    imp.add_argument("--bpe-dir", help="GPT-2 BPE files: encoder.json, vocab.bpe, dict.txt (fairseq) or "
-                     "vocab.json + merges.txt")
-    imp.add_argument("--no-tokenizer", action="store_true", help="import the weights without tokenizer files")
-    imp.set_defaults(func=cmd_import_checkpoint)
-
-    exp = sub.add_parser("export", help="write a Galen model folder in a reference layout")
-    exp.add_argument("--model", required=True, help="Galen model folder")
-    exp.add_argument("--format", default="hf-ofa", choices=["hf-ofa"])
-    exp.add_argument("out", help="folder to write")
-    exp.set_defaults(func=cmd_export)
-
-    gen = sub.add_parser("generate", help="answer one request with a saved model folder")
-    gen.add_argument("--model", required=True, help="model folder (save_pretrained / import-checkpoint output)")
-    gen.add_argument("--task", default="vqa", choices=list(TASKS))
-    gen.add_argument("--image", help="image file (PNG, JPEG, ...)")
-    gen.add_argument("--question")
-    gen.add_argument("--text")
-    gen.add_argument("--premise")
-    gen.add_argument("--hypothesis")
-    gen.add_argument("--candidates", nargs="+", help="closed answer set: the answer will be one of these")
-    gen.add_argument("--closed-set-mode", default="trie", choices=["trie", "all"])
-    gen.add_argument("--beam", type=int, default=5)
-    gen.add_argument("--max-length", type=int, default=40)
-    gen.add_argument("--min-length", type=int, default=1)
-    gen.add_argument("--length-penalty", type=float, default=1.0)
-    gen.add_argument("--no-repeat-ngram", type=int, default=3)
-    gen.set_defaults(func=cmd_generate)
-
-    ev = sub.add_parser("evaluate", help="metrics of a model folder on the test split of every task in the shards")
-    ev.add_argument("--model", required=True, help="Galen model folder (save_pretrained output)")
-    ev.add_argument("--shards", required=True, help="folder written by `galen shards`")
-    ev.add_argument("--out", required=True, help="metrics JSON to write (a DVC metric)")
-    ev.add_argument("--limit", type=int, help="at most this many test records per task")
-    ev.add_argument("--tasks", nargs="+", help="evaluate only these tasks (default: every task with a test split)")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--closed-set-mode", default="trie", choices=["trie", "all"])
-    ev.add_argument("--run-id", help="log into this MLflow run (e.g. the training run) instead of a new one")
-    ev.add_argument("--experiment", default="galen-evaluate", help="MLflow experiment of a new run")
-    ev.add_argument("--no-mlflow", action="store_true", help="only write the metrics file")
-    ev.add_argument("--predictions", help="also write every prediction as JSON lines here")
-    ev.add_argument("--plots", help="also write the plots (PNG) into this folder")
-    ev.add_argument("--samples", type=int, default=8, help="sample predictions per task in the MLflow tables")
-    ev.set_defaults(func=cmd_evaluate)
-
-    rg = sub.add_parser("register", help="log a model folder as an MLflow pyfunc and register it with its lineage")
-    rg.add_argument("--model", required=True, help="Galen model folder that was evaluated")
-    rg.add_argument("--metrics", help="the metrics JSON `galen evaluate` wrote (its run id is used)")
-    rg.add_argument("--run-id", help="MLflow run holding the eval metrics (default: the metrics file's)")
-    rg.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
-    rg.add_argument("--promote", action="store_true", help="then promote the new version (galen promote)")
-    rg.add_argument("--report", help="write the version, run and promotion decision as JSON here")
-    rg.add_argument("--params", default="params.yaml")
-    rg.set_defaults(func=cmd_register)
-
-    pr = sub.add_parser("promote", help="make a registered version champion if it beats the current one "
-                        "(params.yaml registry.metrics), else challenger")
-    which = pr.add_mutually_exclusive_group()
-    which.add_argument("--version", help="version number (default: the latest)")
-    which.add_argument("--alias", help="the version an alias points to, e.g. challenger")
-    pr.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
-    pr.add_argument("--params", default="params.yaml")
-    pr.set_defaults(func=cmd_promote)
-
-    rb = sub.add_parser("rollback", help="make the `previous` champion `champion` again")
-    rb.add_argument("--name", help="registered model name (default: params.yaml registry.model_name)")
-    rb.add_argument("--params", default="params.yaml")
-    rb.set_defaults(func=cmd_rollback)
-
-    su = sub.add_parser("summary", help="one short table of a pipeline run: per task the held-out result beside "
-                        "chance / majority, the registered versions, where the model and the MLflow UI are")
-    su.add_argument("--metrics-dir", default="metrics", help="folder of the metrics files dvc.yaml writes")
-    su.add_argument("--shards", default="data/shards", help="the shards (answer types of the VQA test split)")
-    su.add_argument("--model", default="artifacts/model", help="the generalist model folder")
-    su.add_argument("--clip-model", default="artifacts/clip_model", help="the CLIP model folder")
-    su.set_defaults(func=cmd_summary)
-    _clip_parsers(sub)
-    sv = sub.add_parser("serve", help="serve the registered model over HTTP on an embedded Ray (Ray Serve; "
-                        "settings: serve/config.yaml and params.yaml serve)")
-    sv.add_argument("--config", help="Serve config YAML (default: serve/config.yaml of the package)")
-    sv.add_argument("--params", help="params.yaml whose `serve:` section sets limits, batching, timeouts "
-                    "(default: the project's)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--model-name", help="registered model (default: serve.model_name)")
-    sv.add_argument("--alias", help="serve the version at this alias (default: serve.alias, champion)")
-    sv.add_argument("--poll-interval", type=float, help="seconds between alias checks (default: serve.poll_interval_s)")
-    sv.add_argument("--no-batching", action="store_true", help="answer each request alone")
-    sv.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
-    sv.add_argument("--ready-file", help="write the URL here once serving (for scripts)")
-    sv.set_defaults(func=cmd_serve)
-    return p
+# -- options of the commands without a stage config ------------------------------------------------
+# One field per option: `opt(default, help=...)`; no default means the option is required.
+@dataclass(kw_only=True)
+class LearnCheckOptions:
+    data: str = opt(help="folder of Galen Parquet shards (ingested or validated)")
+    task: str = opt("vqa", help="task of the records to learn (short answers: vqa, nli, ...)")
+    tokenizer: str = opt(help="folder written by `galen tokenizer train`")
+    size: str = opt("nano", choices=tuple(SIZES), help="model size")
+    limit: int = opt(16, help="number of records to learn")
+    max_steps: int = opt(400, help="give up after this many steps")
+    lr: float = opt(1e-3, help="learning rate")
+    seed: int = opt(0, help="seed of the weights and of the training order")
+    require_accuracy: float = opt(1.0, help="fail below this accuracy")
+    metrics: str | None = opt(None, help="write a JSON metrics file here")
+    out: str | None = opt(None, help="save the trained model folder here")
 
 
-def _clip_parsers(sub: Any) -> None:
+@dataclass(kw_only=True)
+class GenerateOptions:
+    model: str = opt(help="model folder (save_pretrained / import-checkpoint output)")
+    task: str = opt("vqa", choices=TASKS, help="the task to prompt for")
+    image: str | None = opt(None, help="image file (PNG, JPEG, ...)")
+    question: str | None = opt(None, help="the question (vqa)")
+    text: str | None = opt(None, help="the text of a grounding, summarization, ... prompt")
+    premise: str | None = opt(None, help="nli: the premise")
+    hypothesis: str | None = opt(None, help="nli: the hypothesis")
+    candidates: list[str] | None = opt(None, help="closed answer set: the answer will be one of these")
+    beam: int = opt(5, help="beam size")
+    max_length: int = opt(40, help="at most this many answer tokens")
+    min_length: int = opt(1, help="at least this many answer tokens")
+    length_penalty: float = opt(1.0, help="scores are normalised by length ** this")
+    no_repeat_ngram: int = opt(3, help="never repeat an n-gram of this size (0: no blocking)")
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """What `galen evaluate` and `galen clip evaluate` share."""
+
+    model: str = opt(help="the model folder to evaluate")
+    shards: str = opt(help="folder written by `galen shards`")
+    out: str = opt(help="metrics JSON to write (a DVC metric)")
+    limit: int | None = opt(None, help="at most this many test records per task")
+    plots: str | None = opt(None, help="also write the plots (PNG: confusion matrices, ...) into this folder")
+    no_mlflow: bool = opt(False, help="only write the metrics file")
+
+
+@dataclass(kw_only=True)
+class EvaluateOptions(EvalOptions):
+    tasks: list[str] | None = opt(None, help="evaluate only these tasks (default: every task with a test split)")
+    run_id: str | None = opt(None, help="log into this MLflow run (e.g. the training run) instead of a new one")
+    experiment: str = opt("galen-evaluate", help="MLflow experiment of a new run")
+    predictions: str | None = opt(None, help="also write every prediction as JSON lines here")
+    samples: int = opt(8, help="sample predictions per task in the MLflow tables")
+
+
+@dataclass(kw_only=True)
+class RegisterOptions:
+    model: str = opt(help="model folder that was evaluated")
+    metrics: str | None = opt(None, help="the metrics JSON `galen evaluate` (`galen clip evaluate`) wrote (its "
+                              "run id is used)")
+    run_id: str | None = opt(None, help="MLflow run holding the eval metrics (default: the metrics file's)")
+    promote: bool = opt(False, help="then promote the new version (as `galen promote` does)")
+    report: str | None = opt(None, help="write the version, run and promotion decision as JSON here")
+
+
+@dataclass(kw_only=True)
+class PromoteOptions:
+    version: str | None = opt(None, exclusive="version", help="version number (default: the latest)")
+    alias: str | None = opt(None, exclusive="version", help="the version an alias points to, e.g. challenger")
+
+
+@dataclass(kw_only=True)
+class SummaryOptions:
+    metrics_dir: str = opt("metrics", help="folder of the metrics files dvc.yaml writes")
+    shards: str = opt("data/shards", help="the shards (answer types of the VQA test split)")
+    model: str = opt("artifacts/model", help="the generalist model folder")
+    clip_model: str = opt("artifacts/clip_model", help="the CLIP model folder")
+
+
+@dataclass(kw_only=True)
+class ClipIndexOptions:
+    model: str = opt(help="CLIP model folder")
+    shards: str = opt(help="folder written by `galen shards`")
+    out: str = opt(help="index folder to write")
+    tasks: list[str] = opt(default_factory=lambda: ["caption"], choices=("caption", "classification"),
+                           help="rows to index (classification rows are captioned with their class name)")
+    split: str = opt("test", choices=("train", "val", "test"), help="the shard split to index")
+    limit: int | None = opt(None, help="at most this many rows per task")
+
+
+@dataclass(kw_only=True)
+class ClipEmbedOptions:
+    model: str = opt(help="CLIP model folder")
+    image: str | None = opt(None, help="embed this image file (or classify it over --labels)")
+    text: str | None = opt(None, help="embed this text")
+    labels: list[str] | None = opt(None, help="zero-shot probabilities of --image over these labels")
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    config: str | None = opt(None, help="Serve config YAML (default: serve/config.yaml of the package)")
+    params: str | None = opt(None, help="params.yaml whose `serve:` section sets limits, batching, timeouts "
+                             "(default: the project's)")
+    host: str = opt("127.0.0.1", help="address to listen on")
+    port: int = opt(8000, help="port to listen on")
+    no_batching: bool = opt(False, help="answer each request alone (override serve.batching)")
+    num_cpus: int | None = opt(None, help="CPUs of the embedded Ray (default: all)")
+    ready_file: str | None = opt(None, help="write the URL here once serving (for scripts)")
+
+
+# -- options from the stages' configs (fields named here; flags, types and defaults from the classes) ----
+_JOB_HELPS = {"init": "start from this model folder (pretrained or imported)",
+              "out": "where to save the trained model folder", "use_gpu": "one GPU per worker",
+              "precision": "bf16 on GPU", "metrics": "write the final metrics (and the MLflow run id) to this JSON file"}
+TRAIN = ConfigOptions(
+    "galen.flows.train.generalist_trainer:TrainConfig",
+    ("steps", "num_workers", "zero_stage", "run_name", "init", "out", "batch_size", "size", "use_gpu", "precision",
+     "metrics"),
+    section="train", override=True, flags={"num_workers": "--workers"},
+    choices={"zero_stage": (0, 1, 2, 3), "size": tuple(SIZES), "precision": ("fp32", "bf16")},
+    helps={**_JOB_HELPS, "batch_size": "per worker and micro-step", "size": "must match --init's checkpoint",
+           "run_name": "MLflow run name (default galen-<stage>); re-running the same params resumes an unfinished job"})
+
+
+def _clip_config_names() -> list[str]:
     from galen.model.clip import config_names
 
-    clip = sub.add_parser("clip", help="the CLIP (BiomedCLIP-style) model: train, evaluate, register, import, "
-                          "export, embed").add_subparsers(dest="clip_command", required=True, metavar="COMMAND")
-    t = clip.add_parser("train", help="CLIP training on Ray Train + DeepSpeed (settings: params.yaml clip.train)")
-    t.add_argument("--params", default="params.yaml")
-    t.add_argument("--config", choices=config_names(), help="override clip.train.config (named model config)")
-    t.add_argument("--init", help="start from this CLIP model folder (e.g. imported BiomedCLIP)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--workers", type=int)
-    t.add_argument("--batch-size", type=int, help="per worker; every worker's features are gathered for the loss")
-    t.add_argument("--zero-stage", type=int, choices=[0, 1, 2])
-    t.add_argument("--use-gpu", action="store_true")
-    t.add_argument("--precision", choices=["fp32", "bf16"])
-    t.add_argument("--out")
-    t.add_argument("--metrics", help="write the final metrics (and the MLflow run id) to this JSON file")
-    t.add_argument("--run-name")
-    t.set_defaults(func=cmd_clip_train)
+    return config_names()
 
-    e = clip.add_parser("evaluate", help="zero-shot, linear probe and retrieval Recall@K on the shards' test splits")
-    e.add_argument("--model", required=True)
-    e.add_argument("--shards", required=True)
-    e.add_argument("--out", required=True, help="metrics JSON to write (a DVC metric)")
-    e.add_argument("--limit", type=int, help="at most this many test records per task")
-    e.add_argument("--plots", help="write the zero-shot confusion matrices (PNG) here")
-    e.add_argument("--params", default="params.yaml", help="clip.evaluate.templates: zero-shot prompt templates")
-    e.add_argument("--no-mlflow", action="store_true")
-    e.set_defaults(func=cmd_clip_evaluate)
 
-    r = clip.add_parser("register", help="register a CLIP model (params.yaml clip.registry) and promote it")
-    r.add_argument("--model", required=True)
-    r.add_argument("--metrics", help="the JSON `galen clip evaluate` wrote (its run id is used)")
-    r.add_argument("--run-id")
-    r.add_argument("--name", help="registered model name (default: clip.registry.model_name)")
-    r.add_argument("--promote", action="store_true")
-    r.add_argument("--report")
-    r.add_argument("--params", default="params.yaml")
-    r.set_defaults(func=cmd_clip_register)
+CLIP_TRAIN = ConfigOptions(
+    "galen.flows.train.clip_trainer:ClipTrainConfig",
+    ("config", "init", "steps", "num_workers", "batch_size", "zero_stage", "use_gpu", "precision", "out", "metrics",
+     "run_name"),
+    section="clip.train", override=True, flags={"num_workers": "--workers"},
+    choices={"config": _clip_config_names, "zero_stage": (0, 1, 2), "precision": ("fp32", "bf16")},
+    helps={**_JOB_HELPS, "config": "named model config", "init": "start from this CLIP model folder (e.g. imported "
+           "BiomedCLIP)", "batch_size": "per worker; every worker's features are gathered for the loss",
+           "run_name": "MLflow run name; re-running the same params resumes an unfinished job"})
+GENERATE_DECODING = ConfigOptions("galen.model.predict:PredictConfig", ("closed_set_mode",))
+EVALUATE_DECODING = ConfigOptions("galen.model.predict:PredictConfig", ("max_batch_size", "closed_set_mode"),
+                                  flags={"max_batch_size": "--batch-size"})
+REGISTRY_NAME = ConfigOptions("galen.flows.registry:RegistryConfig", ("model_name",), section="registry",
+                              override=True, flags={"model_name": "--name"})
+SERVE_SETTINGS = ConfigOptions(
+    "galen.serve.settings:ServeSettings", ("model_name", "alias", "poll_interval_s"), section="serve", override=True,
+    flags={"poll_interval_s": "--poll-interval"},
+    helps={"model_name": "registered model", "alias": "serve the version at this alias (champion, challenger, ...)",
+           "poll_interval_s": "seconds between alias checks"})
+PARAMS = arg("--params", default="params.yaml", help="the project's settings")
 
-    i = clip.add_parser("import", help="read an open_clip / BiomedCLIP folder offline (open_clip_config.json, "
-                        "open_clip_pytorch_model.bin, tokenizer files) into a Galen CLIP model folder")
-    i.add_argument("source")
-    i.add_argument("--out", required=True)
-    i.set_defaults(func=cmd_clip_import)
+# -- the command table -------------------------------------------------------------------------------
+COMMANDS: tuple[Command, ...] = (
+    Command("model", "model sizes and model folders", commands=(
+        Command("info", "parameter counts and config of a named size", cmd_model_info, (
+            arg("--size", default="base", choices=[*SIZES, "all"]),
+            arg("--vocab-size", type=int, default=None, help="count with this vocabulary instead of the reference "
+                "59,457"),
+            arg("--json", action="store_true", help="machine-readable output"))),
+        Command("init", "write a freshly initialised model folder (weights, config, tokenizer)", cmd_model_init, (
+            arg("--size", required=True, choices=list(SIZES)),
+            arg("--tokenizer", required=True, help="folder written by `galen tokenizer train`"),
+            arg("--out", required=True),
+            arg("--seed", type=int, default=0))))),
+    Command("tokenizer", "train and try the text tokenizer", commands=(
+        Command("train", "train a SentencePiece model on a text corpus", cmd_tokenizer_train, (
+            arg("--corpus", nargs="+", required=True, help=".txt (a text per line), .json or .jsonl files, or folders "
+                "of Galen Parquet shards (their training split's text)"),
+            arg("--fields", nargs="+", default=list(CORPUS_FIELDS), help="text fields of JSON records"),
+            arg("--out", required=True),
+            arg("--vocab-size", type=int, default=8000),
+            arg("--model-type", default="unigram", choices=["unigram", "bpe"]),
+            arg("--seed", type=int, default=0))),
+        Command("encode", "show the ids of a text", cmd_tokenizer_encode, (
+            arg("--tokenizer", required=True),
+            arg("text"))))),
+    Command("demo-data", "write the procedural demo datasets in real raw layouts", cmd_demo_data, (
+        arg("--out", required=True),
+        arg("--seed", type=int, default=0),
+        arg("--scale", type=float, default=1.0, help="multiplies every generated count"),
+        arg("--image-size", type=int, default=128))),
+    Command("ingest", "read a dataset in its real layout into normalized Parquet shards", cmd_ingest, (
+        arg("--list-formats", action="store_true", help="print the dataset formats and exit"),
+        arg("--format", help="dataset format (see --list-formats)"),
+        arg("--source", help="the dataset's folder or file"),
+        arg("--dataset", help="take format/source/options from params.yaml ingest.datasets.NAME"),
+        arg("--option", action="append", metavar="KEY=VALUE", help="adapter option (repeatable)"),
+        arg("--out", help="output folder of Parquet shards"),
+        PARAMS)),
+    Command("download", "download a public dataset, checksums verified (needs internet)", cmd_download, (
+        arg("name", nargs="?", help="dataset name (see --list)"),
+        arg("--list", action="store_true", help="list the datasets and how each is obtained"),
+        arg("--out", default="data/raw", help="folder to download into"),
+        arg("--flags", nargs="+", help="MedMNIST subsets, e.g. pathmnist organcmnist"),
+        arg("--size", type=int, help="MedMNIST image size (28, 64, 128, 224)"),
+        arg("--timeout", type=float, default=60))),
+    Command("validate", "check every ingested row; quarantine bad ones with a reason", cmd_validate, (
+        arg("--inputs", nargs="+", required=True, help="ingested shard folders (globs allowed)"),
+        arg("--out", required=True),
+        arg("--report", help="write the data report (a DVC metric) here instead of OUT/report.json"),
+        PARAMS)),
+    Command("shards", "per task/split training shards with resized images", cmd_shards, (
+        arg("--validated", required=True),
+        arg("--out", required=True),
+        arg("--workers", type=int, default=0, help="processes (default: params.yaml shards.workers)"),
+        PARAMS)),
+    Command("image-codes", "discrete image codes for image infilling", commands=(
+        Command("train", "train the k-means patch codebook (settings: params.yaml image_codes)", cmd_image_codes_train, (
+            arg("--data", required=True, help="folder of validated Parquet shards"),
+            arg("--out", required=True),
+            PARAMS)),
+        Command("encode", "codes of the training images' middle crops, keyed by image sha1", cmd_image_codes_encode, (
+            arg("--data", required=True, help="folder of validated Parquet shards"),
+            arg("--codes", required=True, help="image tokenizer folder (trained or precomputed)"),
+            arg("--out", required=True, help="Parquet file to write"))))),
+    Command("train", "pretrain or fine-tune on Ray Train + DeepSpeed (settings: params.yaml train)", cmd_train, (
+        arg("--stage", required=True, choices=["pretrain", "finetune"], help="params.yaml train.<stage> is laid "
+            "over train"),
+        PARAMS, TRAIN)),
+    Command("submit", "run a galen command (e.g. train) on a Ray cluster through the Ray Jobs API", cmd_submit, (
+        arg("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_ADDRESS)"),
+        arg("--project", default=".", help="project folder uploaded as the job's working_dir"),
+        arg("--cluster-dir", help="run in this project folder on the nodes instead (nothing uploaded)"),
+        arg("--exclude", action="append", help="more upload excludes (.gitignore-style, repeatable)"),
+        arg("--env", action="append", metavar="NAME[=VALUE]", help="env var for the job (repeatable)"),
+        arg("--job-id", help="submission id (default: Ray picks one)"),
+        arg("--no-wait", action="store_true", help="return once submitted instead of following the logs"),
+        arg("command", nargs=argparse.REMAINDER, help="the galen command, after --")),
+        description="galen submit [options] -- train --stage finetune --params params.yaml"),
+    Command("learn-check", "train a small model on a few records until it answers them all", cmd_learn_check,
+            (ConfigOptions(LearnCheckOptions),)),
+    Command("import-checkpoint", "import released BiomedGPT/OFA weights (fairseq .pt or transformers-OFA folder) "
+            "into a Galen model folder", cmd_import_checkpoint, (
+                arg("--from", dest="layout", required=True, choices=["fairseq", "hf"]),
+                arg("path", help="the fairseq checkpoint .pt file, or the transformers-OFA model folder"),
+                arg("--out", required=True, help="Galen model folder to write"),
+                arg("--ema", action="store_true", help="take the EMA weights (fairseq extra_state.ema)"),
+                arg("--bpe-dir", help="GPT-2 BPE files: encoder.json, vocab.bpe, dict.txt (fairseq) or vocab.json + "
+                    "merges.txt"),
+                arg("--no-tokenizer", action="store_true", help="import the weights without tokenizer files"))),
+    Command("export", "write a Galen model folder in a reference layout", cmd_export, (
+        arg("--model", required=True, help="Galen model folder"),
+        arg("--format", default="hf-ofa", choices=["hf-ofa"]),
+        arg("out", help="folder to write"))),
+    Command("generate", "answer one request with a saved model folder", cmd_generate,
+            (ConfigOptions(GenerateOptions), GENERATE_DECODING)),
+    Command("evaluate", "metrics of a model folder on the test split of every task in the shards", cmd_evaluate,
+            (ConfigOptions(EvaluateOptions), EVALUATE_DECODING)),
+    Command("register", "log a model folder as an MLflow pyfunc and register it with its lineage", cmd_register,
+            (ConfigOptions(RegisterOptions), REGISTRY_NAME, PARAMS)),
+    Command("promote", "make a registered version champion if it beats the current one (params.yaml "
+            "registry.metrics), else challenger", cmd_promote, (ConfigOptions(PromoteOptions), REGISTRY_NAME, PARAMS)),
+    Command("rollback", "make the `previous` champion `champion` again", cmd_rollback, (REGISTRY_NAME, PARAMS)),
+    Command("summary", "one short table of a pipeline run: per task the held-out result beside chance / majority, "
+            "the registered versions, where the model and the MLflow UI are", cmd_summary,
+            (ConfigOptions(SummaryOptions),)),
+    Command("clip", "the CLIP (BiomedCLIP-style) model: train, evaluate, register, import, export, embed",
+            metavar="COMMAND", commands=(
+                Command("train", "CLIP training on Ray Train + DeepSpeed (settings: params.yaml clip.train)",
+                        cmd_clip_train, (PARAMS, CLIP_TRAIN)),
+                Command("evaluate", "zero-shot, linear probe and retrieval Recall@K on the shards' test splits",
+                        cmd_clip_evaluate, (ConfigOptions(EvalOptions), arg(
+                            "--params", default="params.yaml", help="clip.evaluate.templates: zero-shot prompt "
+                            "templates"))),
+                Command("register", "register a CLIP model (params.yaml clip.registry) and promote it",
+                        cmd_clip_register, (ConfigOptions(RegisterOptions),
+                                            dataclasses.replace(REGISTRY_NAME, section="clip.registry"), PARAMS)),
+                Command("import", "read an open_clip / BiomedCLIP folder offline (open_clip_config.json, "
+                        "open_clip_pytorch_model.bin, tokenizer files) into a Galen CLIP model folder",
+                        cmd_clip_import, (arg("source"), arg("--out", required=True))),
+                Command("export", "write a model in the released open_clip layout (open_clip_pytorch_model.bin)",
+                        cmd_clip_export, (arg("--model", required=True), arg("--out", required=True))),
+                Command("index", "embed the images and captions of a shard split for /v1/retrieve (serve setting "
+                        "clip_index)", cmd_clip_index, (ConfigOptions(ClipIndexOptions),)),
+                Command("embed", "print the normalized embedding of an image or a text, or zero-shot probabilities "
+                        "of an image over --labels", cmd_clip_embed, (ConfigOptions(ClipEmbedOptions),)))),
+    Command("serve", "serve the registered model over HTTP on an embedded Ray (Ray Serve; settings: "
+            "serve/config.yaml and params.yaml serve)", cmd_serve, (ConfigOptions(ServeOptions), SERVE_SETTINGS)),
+)
 
-    x = clip.add_parser("export", help="write a model in the released open_clip layout (open_clip_pytorch_model.bin)")
-    x.add_argument("--model", required=True)
-    x.add_argument("--out", required=True)
-    x.set_defaults(func=cmd_clip_export)
 
-    ix = clip.add_parser("index", help="embed the images and captions of a shard split for /v1/retrieve (serve "
-                         "setting clip_index)")
-    ix.add_argument("--model", required=True)
-    ix.add_argument("--shards", required=True)
-    ix.add_argument("--out", required=True)
-    ix.add_argument("--tasks", nargs="+", default=["caption"], choices=["caption", "classification"],
-                    help="rows to index (classification rows are captioned with their class name)")
-    ix.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ix.add_argument("--limit", type=int, help="at most this many rows per task")
-    ix.set_defaults(func=cmd_clip_index)
-
-    m = clip.add_parser("embed", help="print the normalized embedding of an image or a text, or zero-shot "
-                        "probabilities of an image over --labels")
-    m.add_argument("--model", required=True)
-    m.add_argument("--image")
-    m.add_argument("--text")
-    m.add_argument("--labels", nargs="+")
-    m.set_defaults(func=cmd_clip_embed)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="galen", description="Galen: biomedical vision-language models from raw "
+                                "datasets to a live endpoint.")
+    add_commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser),
+                 COMMANDS)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

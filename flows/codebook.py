@@ -27,15 +27,8 @@ from PIL import Image
 
 from galen.flows.ingest.schema import image_sha1, read_records
 from galen.model.errors import GalenConfigError, GalenInputError
-from galen.model.image_codes import (
-    PARQUET_META_KEY,
-    PATCH_SIZE,
-    KMeansPatchCodes,
-    load_image_codes,
-    middle_crop,
-    patchify,
-    to_uint8,
-)
+from galen.model.image_code_files import PARQUET_META_KEY, load_image_codes
+from galen.model.image_codebook import PATCH_SIZE, KMeansPatchCodes, middle_crop, patchify, to_uint8
 
 REPORT_FILE = "report.json"
 PREVIEW_FILE = "preview.png"

@@ -445,6 +445,7 @@ def evaluate(model_dir: str | Path, shards_dir: str | Path, out: str | Path, *, 
              plots_dir: str | Path | None = None, samples: int = 8, uri: str | None = None) -> dict[str, Any]:
     """Evaluate `model_dir` on the test split of every evaluable task in `shards_dir`; write the metrics
     JSON to `out` (with the MLflow run id when logged) and return it."""
+    from galen.flows.shards import check_written_for
     from galen.model.checkpoint import folder_digest
     from galen.model.predict import GalenPredictor, PredictConfig
 
@@ -470,6 +471,7 @@ def evaluate(model_dir: str | Path, shards_dir: str | Path, out: str | Path, *, 
 
     config = predict_config or PredictConfig()
     predictor = GalenPredictor.load(model_dir, config)
+    check_written_for(shards, "generalist", predictor.model.cfg.image_size, f"the model {model_dir}")
     sha = folder_digest(model_dir)  # of the files just loaded: register checks it names the same model
     candidates = load_candidates(shards)
     results: list[TaskResult] = []

@@ -107,6 +107,7 @@ def evaluate_clip(model_dir: str | Path, shards_dir: str | Path, out: str | Path
     """Zero-shot, linear probe and retrieval metrics of `model_dir` on `shards_dir`; writes `out`."""
     from collections import defaultdict
 
+    from galen.flows.shards import check_written_for
     from galen.model.checkpoint import folder_digest
     from galen.model.clip import ClipModel
 
@@ -116,6 +117,7 @@ def evaluate_clip(model_dir: str | Path, shards_dir: str | Path, out: str | Path
     if not shards.is_dir():
         raise GalenInputError(f"shards folder {shards} does not exist; run the shards stage first")
     model = ClipModel.from_pretrained(model_dir)
+    check_written_for(shards, "clip", model.spec.image_size, f"the CLIP model {model_dir}")
     sha = folder_digest(model_dir)
     candidates = load_candidates(shards)
     metrics: dict[str, Any] = {}

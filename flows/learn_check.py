@@ -24,7 +24,7 @@ from galen.model.decoding import GenerationConfig, generate
 from galen.model.errors import GalenInputError
 from galen.model.generalist import GalenModel
 from galen.model.losses import label_smoothed_cross_entropy
-from galen.model.tokenizer import GalenTokenizer
+from galen.model.vocabulary import GalenTokenizer
 
 
 @dataclass

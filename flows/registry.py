@@ -75,7 +75,7 @@ class MetricRule:
 
 @dataclass
 class RegistryConfig:
-    model_name: str = "galen-generalist"
+    model_name: str = field(default="galen-generalist", metadata={"help": "registered model name"})
     experiment: str = "galen-evaluate"
     metrics: list[MetricRule] = field(default_factory=list)
     lock_timeout_s: float = 120.0      # how long a promotion waits for another one to finish

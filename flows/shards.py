@@ -1,7 +1,10 @@
 """Shard stage: validated rows -> per task/split Parquet shards that Ray Data reads for training.
 
-Images are resized once here (as params.yaml says, per task) and re-encoded, so training workers
-never decode full-size scans; boxes (grounding, detection) are rescaled with their image, since a
+Images are resized once here and re-encoded, so training workers never decode full-size scans. The
+size is not a setting of this stage: it is the input size of the models the pipeline trains, which
+each model's config decides (`model_input_sizes`: the generalist's `train.size` or `init` folder,
+CLIP's `clip.train.config`); the manifest records which models the shards were written for, and a
+model reading shards written for another size is refused (`check_written_for`), never resized; boxes (grounding, detection) are rescaled with their image, since a
 record's boxes are in pixels of the image it stores (the pre-resize size and boxes stay in `meta`).
 Closed answer sets (VQA answer lists from the training answers, class names, NLI answers) are
 written to `candidates.json` for trie decoding and trie-aware label smoothing, and
@@ -14,9 +17,11 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,9 +34,9 @@ from galen.model.tasks import NLI_ANSWERS
 
 @dataclass
 class ShardConfig:
-    """params.yaml `shards:`."""
+    """params.yaml `shards:`, and the models the shards are written for."""
 
-    image_size: dict[str, int] = field(default_factory=lambda: {"default": 256})
+    models: dict[str, int] = field(default_factory=dict)  # model (generalist, clip) -> its input size
     image_format: str = "png"           # png (lossless) or jpeg
     jpeg_quality: int = 95
     rows_per_shard: int = 1024
@@ -39,11 +44,16 @@ class ShardConfig:
     mixture: dict[str, float] = field(default_factory=dict)  # task -> sampling weight in training
 
     @classmethod
-    def from_params(cls, params: dict) -> ShardConfig:
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+    def from_params(cls, params: Mapping[str, Any]) -> ShardConfig:
+        """The `shards:` section of params.yaml, for the models the rest of params.yaml trains."""
+        section = dict(params.get("shards") or {})
+        known = set(cls.__dataclass_fields__) - {"models"}
+        unknown = sorted(set(section) - known)
         if unknown:
-            raise GalenInputError(f"unknown shards params {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        cfg = cls(**params)
+            hint = (" (the image size is not set here any more: it is the input size of the models trained, "
+                    "train.size and clip.train.config)") if "image_size" in unknown else ""
+            raise GalenInputError(f"unknown shards params {unknown}; known: {sorted(known)}{hint}")
+        cfg = cls(models=model_input_sizes(params), **section)
         if cfg.image_format not in ("png", "jpeg"):
             raise GalenInputError(f"shards.image_format must be png or jpeg, got {cfg.image_format!r}")
         bad = {t: w for t, w in cfg.mixture.items() if not isinstance(w, (int, float)) or w < 0}
@@ -51,8 +61,74 @@ class ShardConfig:
             raise GalenInputError(f"shards.mixture weights must be numbers >= 0, got {bad}")
         return cfg
 
-    def size_for(self, task: str) -> int:
-        return int(self.image_size.get(task, self.image_size.get("default", 256)))
+    @property
+    def image_size(self) -> int:
+        """The size every image is written at: the largest input among the models (a smaller model's
+        own preprocessing resizes down, as it does every image it is served)."""
+        if not self.models:
+            raise GalenInputError("no model to write the shards for: give ShardConfig(models={'generalist': 128}) "
+                                  "or params with train.size / clip.train.config")
+        return max(self.models.values())
+
+
+def model_input_sizes(params: Mapping[str, Any]) -> dict[str, int]:
+    """The input size of each model params.yaml trains, from the models' own configs: the generalist's
+    named `size` (train.size, or a stage's own), or its `init` folder's config.json unless that folder
+    is what pretraining writes; CLIP's named `clip.train.config` or its `init` folder. The keys read
+    here are the shards stage's params in dvc.yaml."""
+    from galen.model.clip import CONFIGS, ClipSpec, read_spec
+    from galen.model.config import GalenConfig, get_config
+    from galen.model.errors import GalenError
+
+    sizes: dict[str, int] = {}
+    train = params.get("train") or {}
+    stages = {name: {**train, **(train.get(name) or {})} for name in ("pretrain", "finetune")}
+    written = {stage.get("out") for stage in stages.values()}
+    generalist = {}
+    try:
+        for name, stage in stages.items():
+            if stage.get("init") and stage["init"] not in written:
+                config = Path(stage["init"]) / "config.json"
+                if not config.is_file():
+                    raise GalenInputError(f"train.{name}.init={stage['init']} is not a Galen model folder (no "
+                                          "config.json)")
+                generalist[name] = GalenConfig.load(config).image_size
+            elif stage.get("size"):
+                generalist[name] = get_config(stage["size"]).image_size
+        clip = (params.get("clip") or {}).get("train") or {}
+        if clip.get("init"):
+            sizes["clip"] = read_spec(Path(clip["init"])).image_size
+        elif clip.get("config") in CONFIGS:
+            sizes["clip"] = ClipSpec(clip["config"], CONFIGS[clip["config"]]).image_size
+    except GalenError as e:
+        raise GalenInputError(f"cannot tell the models' input size for the shards: {e}") from e
+    if len(set(generalist.values())) > 1:
+        raise GalenInputError(f"the generalist's stages take different image sizes ({generalist}); one set of shards "
+                              "serves them: give them one size (train.size, or init folders of one image_size)")
+    if generalist:
+        sizes["generalist"] = next(iter(generalist.values()))
+    return sizes
+
+
+def check_written_for(shards_dir: str | Path, model: str, size: int, what: str) -> None:
+    """A model reads shards written for it: their images at its input size, as its config says
+    (evaluation and serving resize to the same size). Shards written for another size are refused
+    instead of resized."""
+    path = Path(shards_dir) / "manifest.json"
+    try:
+        written = json.loads(path.read_text()).get("models")
+    except (OSError, ValueError, AttributeError) as e:
+        raise GalenInputError(f"{path} is unreadable ({e}); run `dvc repro shards`") from e
+    if not isinstance(written, dict):
+        raise GalenInputError(f"the shards under {shards_dir} do not say which models they were written for "
+                              "(written by an older Galen); re-run `dvc repro shards`")
+    if written.get(model) != size:
+        have = ", ".join(f"{k} {v} px" for k, v in sorted(written.items())) or "no model"
+        raise GalenInputError(
+            f"the shards under {shards_dir} were written for {have}, but {what} takes {size} px images; write "
+            f"shards for it: `dvc repro shards` (the stage sizes images for the models params.yaml trains: "
+            f"train.size or train.<stage>.init, clip.train.config or clip.train.init), or `galen shards` with "
+            f"those params")
 
 
 def resize_image(data: bytes, size: int, fmt: str, quality: int) -> bytes:
@@ -98,7 +174,7 @@ def _process_file(args: tuple[str, int, str, dict, int]) -> list[Path]:
         rec = from_row(row)
         if rec.image is not None:
             rec.meta["original_image_sha1"] = image_sha1(rec.image)  # key of the image-code table
-            size = cfg.size_for(rec.task)
+            size = cfg.image_size
             rec.image, original = resize_image_with_size(rec.image, size, cfg.image_format, cfg.jpeg_quality)
             rec.meta["original_size"] = list(original)
             if rec.boxes:  # boxes are in pixels of the stored image: they follow it through the resize
@@ -155,7 +231,8 @@ def build_shards(validated_dir: str | Path, out_dir: str | Path, cfg: ShardConfi
     tasks = sorted({r["task"] for r in rows})
     mixture = {t: float(cfg.mixture.get(t, 1.0)) for t in tasks}
     manifest = {"shards": len(written), "rows": len(rows), "by_task_split": dict(sorted(counts.items())),
-                "image_size": {t: cfg.size_for(t) for t in tasks}, "image_format": cfg.image_format,
+                "image_size": cfg.image_size, "models": dict(sorted(cfg.models.items())),
+                "image_format": cfg.image_format,
                 "mixture": mixture}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -318,7 +318,7 @@ class ClipModel:
         clip = build_clip(spec)
         load_weights(clip, weights)
         if spec.tokenizer == "galen":
-            from galen.model.tokenizer import GalenTokenizer
+            from galen.model.vocabulary import GalenTokenizer
 
             text_encoder: Any = GalenTextEncoder(GalenTokenizer.load(folder), spec.context_length)
         else:

@@ -33,8 +33,8 @@ from galen.model.decoding import CandidateTrie, GenerationConfig, TokenLattice, 
 from galen.model.errors import GalenError, GalenInputError
 from galen.model.generalist import GalenModel
 from galen.model.tasks import NLI_ANSWERS, build_prompt, closed_answers, vqa_prompt
-from galen.model.tokenizer import GalenTokenizer
 from galen.model.vision import MAX_IMAGE_PIXELS, decode_base64_image, load_image, preprocess_images
+from galen.model.vocabulary import GalenTokenizer
 
 BOX_BINS = 4
 _TRIE_CACHE_SIZE = 64
@@ -66,15 +66,16 @@ def _answer_generation() -> GenerationConfig:
 class PredictConfig:
     """Decoding settings (reference defaults: beam 5, no-repeat-ngram 3 for text, lenpen 0.7 for summaries)."""
 
-    closed_set_mode: str = "trie"      # "trie": constrained beam search; "all": score every candidate
+    closed_set_mode: str = field(default="trie", metadata={
+        "help": "closed-set answers: trie = beam search constrained to the candidates, all = score every one",
+        "choices": ("trie", "all")})
     closed_beam_size: int = 5
     grounding_beam_size: int = 5
     vqa: GenerationConfig = field(default_factory=_answer_generation)          # open questions
     caption: GenerationConfig = field(default_factory=_caption_generation)
     summarization: GenerationConfig = field(default_factory=_summary_generation)
     max_source_length: int = 256       # prompt tokens; longer prompts are cut (as in training)
-    max_batch_size: int = 16
-    image_size: int | None = None      # None: the model's own config.image_size
+    max_batch_size: int = field(default=16, metadata={"help": "at most this many requests per model call"})
     max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
@@ -183,7 +184,7 @@ class GalenPredictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.image_size = self.config.image_size or model.cfg.image_size
+        self.image_size = model.cfg.image_size  # the model decides its input size (its config.json)
         self._tries: dict[tuple[str, ...], CandidateTrie] = {}
         bins = range(tokenizer.bin_offset, tokenizer.bin_offset + tokenizer.num_bins)
         self._box_lattice = TokenLattice([bins] * BOX_BINS, tokenizer.eos_id)

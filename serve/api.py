@@ -7,7 +7,7 @@ and `labels` as repeated fields, a JSON array, or one comma-separated value). Ev
 (400 unreadable input, 404 unknown route or task, 413 over a size limit, 415 unsupported content
 type, 422 well-formed but invalid input, 503 no model loaded, 504 timed out).
 
-The routes themselves are methods of the Serve deployment (serve/app.py): they hold the model.
+The routes themselves are methods of the ingress deployment (serve/routes.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The CLIP model in the Serve application: deployment `GalenClip` and the request
-handling behind the ingress routes of serve/app.py.
+handling behind the ingress routes of serve/routes.py.
 
     POST /v1/embed        {"image": b64} or {"text": ...}        -> normalized embedding
     POST /v1/zero-shot    {"image": b64, "labels": [...], "templates"?: [...]} -> probability per label
@@ -7,41 +7,79 @@ handling behind the ingress routes of serve/app.py.
                           candidates sent ("images" / "texts") or else of the served index (serve.clip_index)
     POST /v1/embeddings   OpenAI-compatible text embeddings ({"input": str | [str], "model": ...})
 
-The ingress (GalenGeneralist) parses bodies with the same limits and JSON errors as every route
+The ingress (GalenGeneralist, serve/routes.py) parses bodies with the same limits and JSON errors as every route
 (serve/api.py) and hands the checked request to this deployment through a handle. The deployment
 holds the version of `serve.clip_model_name` at `serve.clip_alias` (re-read every
 `poll_interval_s`; a version is loaded beside the old one, then swapped in). Until one is
-registered the routes answer 503 saying so, and the generalist's routes are unaffected.
+registered the routes answer 503 saying so, the replica keeps looking, and the generalist's routes
+are unaffected.
 
-Batching: every image or text to embed goes through one `@serve.batch` method, so concurrent
-requests share one forward pass per tower (max_batch_size / batch_wait_timeout_s of `serve:`).
+Alias following and batching are the generalist's (serve/alias_follower.py, serve/batching.py):
+every image or text to embed is one job of the `Batcher`, so concurrent requests share one forward
+pass per tower (max_batch_size / batch_wait_timeout_s of `serve:`).
 """
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
 
 from galen.model.errors import GalenCheckpointError, GalenError, GalenInputError
+from galen.serve.alias_follower import AliasFollower
+from galen.serve.batching import Batcher
 from galen.serve.settings import ServeSettings
-from galen.serve.store import ModelRef, download, resolve, resolve_tracking_uri
+from galen.serve.store import ModelRef, download
 
 log = logging.getLogger("ray.serve.galen")
+
+STATUS_STATS = ("model_calls", "requests", "largest_batch")  # the batching counters /v1/contrastive/status shows
 
 
 def _error(status: int, type_: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"status": status, "type": type_, "message": message, "param": param}}
 
 
+@dataclass
 class Loaded:
-    def __init__(self, ref: ModelRef, model: Any, index: Any) -> None:
-        self.ref, self.model, self.index, self.loaded_at = ref, model, index, time.time()
-        self.class_cache: dict[tuple, Any] = {}
+    ref: ModelRef
+    model: Any  # galen.model.clip.ClipModel
+    index: Any  # galen.model.clip.RetrievalIndex or None
+    loaded_at: float = field(default_factory=time.time)
+    class_cache: dict[tuple, Any] = field(default_factory=dict)  # (labels, templates) -> class embeddings
+
+
+def load(ref: ModelRef, settings: ServeSettings, uri: str) -> Loaded:
+    """Download and load one registered CLIP version, with the served index checked against it."""
+    from galen.model.clip import ClipModel, RetrievalIndex
+
+    folder, _ = download(ref, settings, uri, marker="open_clip_config.json")
+    model = ClipModel.from_pretrained(folder)
+    index = None
+    if settings.clip_index:
+        index = RetrievalIndex.load(settings.clip_index)
+        index.check_model(model)
+    return Loaded(ref, model, index)
+
+
+def _warm_up(loaded: Loaded) -> None:
+    loaded.model.encode_texts(["warm up"])
+
+
+def encode(model: Any, items: list[tuple[str, Any]]) -> list[Any]:
+    """One forward pass per tower for a batch of ("image", bytes) / ("text", str) items (the
+    Batcher runs each item alone when it fails, so one bad item fails only its own request)."""
+    out: list[Any] = [None] * len(items)
+    for kind in ("image", "text"):
+        idx = [i for i, (k, _) in enumerate(items) if k == kind]
+        if idx:
+            rows = (model.encode_images if kind == "image" else model.encode_texts)([items[i][1] for i in idx])
+            for i, row in zip(idx, rows):
+                out[i] = row
+    return out
 
 
 @serve.deployment(name="GalenClip", max_ongoing_requests=64, health_check_period_s=10,
@@ -49,106 +87,27 @@ class Loaded:
 class GalenClip:
     def __init__(self, settings: Mapping[str, Any] | None = None):
         self.settings = ServeSettings().replace(settings)
-        self.current: Loaded | None = None
-        self.last_error: str | None = None
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="galen-clip")  # one model call at a time
-        self._stop = threading.Event()
-        self.stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
-        import torch
-
-        torch.set_num_threads(self.settings.torch_threads)
-        self._encode.set_max_batch_size(self.settings.max_batch_size)
-        self._encode.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-        try:
-            self._refresh()
-        except Exception as e:  # noqa: BLE001 - no CLIP model yet: answer 503 and keep looking
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("no CLIP model loaded: %s", self.last_error)
-        threading.Thread(target=self._watch, name="galen-clip-watch", daemon=True).start()
-
-    # -- model lifecycle -----------------------------------------------------------------------------
-    def _clip_settings(self) -> ServeSettings:
-        return self.settings.replace({"model_name": self.settings.clip_model_name, "alias": self.settings.clip_alias})
-
-    def _refresh(self) -> bool:
-        from galen.model.clip import ClipModel, RetrievalIndex
-
-        with self._lock:
-            settings = self._clip_settings()
-            uri = resolve_tracking_uri(settings)
-            ref = resolve(settings, uri)
-            cur = self.current
-            if cur is not None and (cur.ref.name, cur.ref.version) == (ref.name, ref.version):
-                return False
-            folder, _ = download(ref, settings, uri, marker="open_clip_config.json")
-            model = ClipModel.from_pretrained(folder)
-            index = None
-            if self.settings.clip_index:
-                index = RetrievalIndex.load(self.settings.clip_index)
-                index.check_model(model)
-            model.encode_texts(["warm up"])  # a version that cannot answer never gets traffic
-            self.current = Loaded(ref, model, index)
-            log.info("serving %s version %s (alias %s)", ref.name, ref.version, ref.alias)
-            return True
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            interval = self.settings.poll_interval_s
-            if self._stop.wait(interval if interval > 0 else 1.0) or (interval <= 0 and self.current is not None):
-                continue
-            try:
-                self._refresh()
-                self.last_error = None
-            except Exception as e:  # noqa: BLE001 - keep serving what is loaded; status shows why
-                self.last_error = f"{type(e).__name__}: {e}"
+        self.batcher: Batcher[Any, tuple[str, Any], Any] = Batcher(encode, self.settings, thread_name="galen-clip")
+        clip = self.settings.replace({"model_name": self.settings.clip_model_name, "alias": self.settings.clip_alias})
+        self.follower: AliasFollower[Loaded] = AliasFollower(clip, load, _warm_up, thread_name="galen-clip-watch",
+                                                             poll_while_empty=True)
+        self.follower.check()
+        if self.follower.current is None:  # no CLIP model yet: answer 503 and keep looking
+            log.warning("no CLIP model loaded: %s", self.follower.last_error)
+        self.follower.start()
 
     def __del__(self) -> None:
-        self._stop.set()
+        self.follower.stop()
 
     async def status(self) -> dict[str, Any]:
-        cur = self.current
+        cur = self.follower.current
         return {"status": "ok" if cur else "unavailable", "model": cur.ref.to_dict() if cur else None,
-                "last_error": self.last_error, "stats": dict(self.stats),
+                "last_error": self.follower.last_error, "stats": {k: self.batcher.stats[k] for k in STATUS_STATS},
                 "index": len(cur.index.items) if cur and cur.index else None}
 
     # -- batched embedding ---------------------------------------------------------------------------
-    def _embed_batch(self, model: Any, items: list[tuple[str, Any]]) -> list[Any]:
-        """One forward pass per tower for a batch of ("image", bytes) / ("text", str) items; when it
-        fails, each item alone, so one bad item fails only its own request."""
-        self.stats["model_calls"] += 1
-        self.stats["requests"] += len(items)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
-        out: list[Any] = [None] * len(items)
-        for kind in ("image", "text"):
-            idx = [i for i, (k, _) in enumerate(items) if k == kind]
-            if not idx:
-                continue
-            encode = model.encode_images if kind == "image" else model.encode_texts
-            try:
-                rows = encode([items[i][1] for i in idx])
-                for i, row in zip(idx, rows):
-                    out[i] = row
-            except Exception:  # noqa: BLE001 - sorted out per item
-                for i in idx:
-                    try:
-                        out[i] = encode([items[i][1]])[0]
-                    except Exception as e:  # noqa: BLE001 - handed to this item's request
-                        out[i] = e
-        return out
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1)
-    async def _encode(self, items: list[tuple[Any, str, Any]]) -> list[Any]:
-        model = items[0][0]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._embed_batch, model, [(k, v) for _, k, v in items])
-
     async def _one(self, cur: Loaded, kind: str, value: Any) -> Any:
-        if self.settings.batching:
-            result = await self._encode((cur.model, kind, value))
-        else:
-            loop = asyncio.get_running_loop()
-            (result,) = await loop.run_in_executor(self._pool, self._embed_batch, cur.model, [(kind, value)])
+        result = await self.batcher.submit(cur.model, (kind, value))
         if isinstance(result, Exception):
             raise result
         return result
@@ -167,10 +126,10 @@ class GalenClip:
             return _error(422, "invalid_input", str(e))
 
     def _loaded(self) -> Loaded | dict[str, Any]:
-        cur = self.current
+        cur = self.follower.current
         if cur is None:
             name, alias = self.settings.clip_model_name, self.settings.clip_alias
-            return _error(503, "model_unavailable", f"no CLIP model is loaded: {self.last_error or 'loading'}; "
+            return _error(503, "model_unavailable", f"no CLIP model is loaded: {self.follower.last_error or 'loading'}; "
                           f"register one as {name!r} with alias {alias!r} (galen clip register --promote)")
         return cur
 
@@ -202,8 +161,7 @@ class GalenClip:
             key = (tuple(labels), templates)
             classes = cur.class_cache.get(key)
             if classes is None:
-                loop = asyncio.get_running_loop()
-                classes = await loop.run_in_executor(self._pool, cur.model.class_embeddings, labels, templates)
+                classes = await self.batcher.call(cur.model.class_embeddings, labels, templates)
                 if len(cur.class_cache) > 256:
                     cur.class_cache.clear()
                 cur.class_cache[key] = classes

@@ -51,7 +51,8 @@ def demo_vqa(tmp_path_factory) -> Path:
 def demo_tokenizer(demo_vqa, tmp_path_factory):
     """A SentencePiece tokenizer trained on the demo questions and answers."""
     from galen.flows.cli import corpus_texts
-    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.model.sentencepiece_text import train_sentencepiece
+    from galen.model.vocabulary import GalenTokenizer
 
     out = tmp_path_factory.mktemp("tok")
     texts = list(corpus_texts([str(demo_vqa / "trainset.json")], ["question", "answer"]))
@@ -98,7 +99,8 @@ def demo_shards(tmp_path_factory) -> Path:
     for name, fmt, options in DEMO_DATASETS:
         ingest(fmt, root / "raw" / name, root / "ingested" / name, **options)
     validate([root / "ingested" / name for name, _, _ in DEMO_DATASETS], root / "validated", ValidationConfig())
-    build_shards(root / "validated", root / "shards", ShardConfig(image_size={"default": 128}))
+    # written for the models params.yaml trains: the nano generalist (128 px) and the micro CLIP (64 px)
+    build_shards(root / "validated", root / "shards", ShardConfig(models={"generalist": 128, "clip": 64}))
     return root / "shards"
 
 
@@ -109,7 +111,8 @@ def demo_model_dir(demo_shards, tmp_path_factory) -> Path:
     from galen.flows.cli import corpus_texts
     from galen.model.config import get_config
     from galen.model.generalist import GalenModel
-    from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
+    from galen.model.sentencepiece_text import train_sentencepiece
+    from galen.model.vocabulary import GalenTokenizer
 
     out = tmp_path_factory.mktemp("nano_model")
     texts = list(corpus_texts([str(p) for p in sorted(demo_shards.glob("*/train"))], []))

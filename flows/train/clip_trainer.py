@@ -94,12 +94,14 @@ def check_inputs(cfg: ClipTrainConfig) -> dict[str, list[str]]:
     shards = Path(cfg.shards)
     if not (shards / "manifest.json").is_file():
         raise GalenInputError(f"no shards at {shards} (manifest.json missing); run `dvc repro shards` first")
-    if cfg.init:
-        from galen.model.clip import read_spec
+    from galen.flows.shards import check_written_for
+    from galen.model.clip import CONFIGS, ClipSpec, read_spec
 
-        read_spec(Path(cfg.init))
-    elif not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
+    if not cfg.init and not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
         raise GalenInputError(f"no tokenizer at {cfg.tokenizer}; run `dvc repro tokenizer` first")
+    spec = read_spec(Path(cfg.init)) if cfg.init else ClipSpec(cfg.config, CONFIGS[cfg.config])
+    check_written_for(shards, "clip", spec.image_size,
+                      f"the CLIP model ({f'init {cfg.init}' if cfg.init else f'config {cfg.config}'})")
     files = {t: shard_paths(shards, t, "train") for t, w in cfg.sources.items() if w > 0}
     files = {t: f for t, f in files.items() if f}
     if not files:
@@ -129,7 +131,7 @@ class ClipRecipe(Recipe):
 
         from galen.model.clip import ClipModel
         from galen.model.losses import clip_loss
-        from galen.model.tokenizer import GalenTokenizer
+        from galen.model.vocabulary import GalenTokenizer
 
         cfg = self.cfg
         if cfg.init:

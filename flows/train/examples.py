@@ -28,7 +28,7 @@ from PIL import Image
 from galen.flows.ingest.schema import Record, image_sha1
 from galen.model.decoding import CandidateTrie
 from galen.model.errors import GalenInputError
-from galen.model.image_codes import PrecomputedCodes
+from galen.model.image_code_files import PrecomputedCodes
 from galen.model.tasks import (
     NLI_ANSWERS,
     NLI_LABEL_TO_ANSWER,
@@ -38,8 +38,8 @@ from galen.model.tasks import (
     closed_answers,
     vqa_prompt,
 )
-from galen.model.tokenizer import GalenTokenizer
 from galen.model.vision import preprocess_images
+from galen.model.vocabulary import GalenTokenizer
 
 DEFAULT_MAX_SOURCE = 256
 DEFAULT_MAX_TARGET = 128
@@ -313,7 +313,7 @@ def blank_middle(image: torch.Tensor, code_image_size: int = CODE_IMAGE_SIZE) ->
     """Zero the middle code_image_size square of a (3, 2c, 2c) normalised image.
 
     The reference (OFA `process_pure_image`) writes 0 after normalisation, i.e. mid-grey pixels,
-    over [c/2, 3c/2) on both axes: exactly the region `model.image_codes.middle_crop` encodes.
+    over [c/2, 3c/2) on both axes: exactly the region `model.image_codebook.middle_crop` encodes.
     """
     out = image.clone()
     lo, hi = code_image_size // 2, code_image_size // 2 + code_image_size

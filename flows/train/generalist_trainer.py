@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from galen.flows.train.loop import JobConfig, Recipe, StepLoss, config_from, run_job
-from galen.flows.train.objectives import FINETUNE_OBJECTIVES, SUBSET_SOURCES
 from galen.model.errors import GalenInputError
+from galen.model.tasks import EVALUATED_TASKS
 
 STAGES = ("pretrain", "finetune")
 
@@ -64,7 +64,7 @@ class TrainConfig(JobConfig):
 
     stage: str = "finetune"
     size: str | None = "nano"               # None: the architecture of `init` (an imported checkpoint's)
-    tasks: list[str] = field(default_factory=lambda: list(FINETUNE_OBJECTIVES))
+    tasks: list[str] = field(default_factory=lambda: list(EVALUATED_TASKS))  # objectives.FINETUNE_OBJECTIVES
     warmup_ratio: float = 0.05
     label_smoothing: float = 0.1
     loss_average: str = "token"             # token: each target token weighs the same; sample: each example does
@@ -74,8 +74,6 @@ class TrainConfig(JobConfig):
     curriculum: Curriculum | None = None    # a first phase on other objective weights
     ema_decay: float | None = None          # fine-tuning EMA of the weights (the saved model is the EMA)
     image_codes: str | None = "data/image_codes.parquet"  # image-infilling targets (pretraining)
-    image_size: int | None = None           # model input size for a new model (None: the shards' size); training,
-                                            # evaluation and serving all resize to the model's size
 
     def __post_init__(self) -> None:
         if isinstance(self.curriculum, dict):  # from params.yaml or a worker's config
@@ -141,8 +139,6 @@ class TrainConfig(JobConfig):
                 problems.append(f"objectives must map names to weights >= 0, got {self.objectives!r}")
         if self.curriculum is not None:
             problems += self.curriculum.problems(self.steps, known)
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size % 16):
-            problems.append(f"image_size must be a multiple of 16, got {self.image_size!r}")
         return problems
 
 
@@ -161,7 +157,7 @@ def training_sources(cfg: TrainConfig, shards: Path) -> dict[str, list[str]]:
     """Shard files per source task. Fine-tuning needs every listed task; pretraining reads whatever
     its objectives can use (an objective without data is dropped, not an error)."""
     from galen.flows.shards import shard_paths
-    from galen.flows.train.objectives import objective_sources
+    from galen.flows.train.objectives import SUBSET_SOURCES, objective_sources
 
     if cfg.stage == "pretrain":
         sources = objective_sources(cfg.stage)
@@ -190,6 +186,8 @@ def training_sources(cfg: TrainConfig, shards: Path) -> dict[str, list[str]]:
 def source_rows(shards: Path, files: dict[str, list[str]]) -> dict[str, int]:
     """Training rows per source: the manifest's count for a task, the kept rows for a subset."""
     import pyarrow.parquet as pq
+
+    from galen.flows.train.objectives import SUBSET_SOURCES
 
     by_task_split = json.loads((shards / "manifest.json").read_text())["by_task_split"]
     counts = {}
@@ -232,6 +230,10 @@ def check_inputs(cfg: TrainConfig) -> dict[str, list[str]]:
     check_shard_rows(shards, files)
     if cfg.init:
         check_init_model(cfg)
+    from galen.flows.shards import check_written_for
+
+    check_written_for(shards, "generalist", model_input_size(cfg),
+                      f"the generalist ({f'init {cfg.init}' if cfg.init else f'size {cfg.size}'})")
     if cfg.stage == "pretrain" and cfg.objective_weights().get("image_infilling", 0) > 0:
         if not cfg.image_codes or not Path(cfg.image_codes).is_file():
             raise GalenInputError(f"image_infilling needs image codes, but {cfg.image_codes!r} is not a file; run "
@@ -244,6 +246,8 @@ def check_shard_rows(shards: Path, files: dict[str, list[str]]) -> None:
     must match manifest.json, so a deleted, truncated or foreign shard file fails here, not mid-run
     (the step planner and the resume positions rely on those counts)."""
     import pyarrow.parquet as pq
+
+    from galen.flows.train.objectives import SUBSET_SOURCES
 
     try:
         expected = json.loads((shards / "manifest.json").read_text()).get("by_task_split", {})
@@ -268,7 +272,7 @@ def check_shard_rows(shards: Path, files: dict[str, list[str]]) -> None:
 
 def check_init_model(cfg: TrainConfig) -> None:
     """The starting model folder must exist and match the tokenizer (vocabulary) it will train with."""
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     init = Path(cfg.init)  # type: ignore[arg-type]
     config_file = init / "config.json"
@@ -329,7 +333,7 @@ class GeneralistRecipe(Recipe):
 
     def __init__(self, cfg: TrainConfig, extras: dict[str, Any], rank: int, world: int) -> None:
         super().__init__(cfg, extras, rank, world)
-        from galen.model.tokenizer import GalenTokenizer
+        from galen.model.vocabulary import GalenTokenizer
 
         self.label = cfg.stage
         self.tok = GalenTokenizer.load(cfg.tokenizer_dir())
@@ -340,14 +344,13 @@ class GeneralistRecipe(Recipe):
         from galen.flows.train.objectives import ExampleBuilder
         from galen.model.config import get_config
         from galen.model.generalist import GalenModel
-        from galen.model.image_codes import PrecomputedCodes
+        from galen.model.image_code_files import PrecomputedCodes
 
         cfg = self.cfg
         if cfg.init:
             model = GalenModel.from_pretrained(cfg.init)
         else:
-            model = GalenModel(get_config(cfg.size, vocab_size=len(self.tok), dropout=cfg.dropout,
-                                          image_size=self.extras["image_size"]))
+            model = GalenModel(get_config(cfg.size, vocab_size=len(self.tok), dropout=cfg.dropout))
         phases = [self.planner] + ([self.first_phase] if self.first_phase else [])
         codes = None
         if cfg.stage == "pretrain" and any("image_infilling" in p.objectives for p in phases):
@@ -430,27 +433,23 @@ class GeneralistRecipe(Recipe):
 # --------------------------------------------------------------------------------------------------
 # driver side
 # --------------------------------------------------------------------------------------------------
-def model_image_size(cfg: TrainConfig, manifest: dict, tasks: list[str]) -> int:
-    """The input size the model is built for and trained at: init's, `image_size`, or the largest of the
-    shards' sizes. Evaluation and serving resize to the same size (model config.json), so training must
-    too: a model trained on 128-px images and asked about 256-px ones sees every finding at twice the
-    scale it learned. Image infilling is not a reason for a larger size: it builds its own
-    2 x code_image_size images, and image positions are bucketed."""
+def model_input_size(cfg: TrainConfig) -> int:
+    """The image size the model takes, as its config says (init's config.json, or the named size):
+    training, evaluation and serving all feed it that size, and the shards must have been written at it."""
+    from galen.model.config import GalenConfig, get_config
+
     if cfg.init:
-        return int(json.loads((Path(cfg.init) / "config.json").read_text()).get("image_size", 256))
-    if cfg.image_size:
-        return cfg.image_size
-    return max(int(manifest.get("image_size", {}).get(t, 128)) for t in tasks)
+        return GalenConfig.load(Path(cfg.init) / "config.json").image_size
+    return get_config(cfg.size).image_size  # type: ignore[arg-type]
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training job described by `cfg`; returns the final metrics."""
+    from galen.flows.train.objectives import SUBSET_SOURCES
     files = check_inputs(cfg)
     manifest = json.loads((Path(cfg.shards) / "manifest.json").read_text())
     candidates = json.loads((Path(cfg.shards) / "candidates.json").read_text())
     counts = source_rows(Path(cfg.shards), files)
-    tasks = [t for t in files if t not in SUBSET_SOURCES]
-    image_size = model_image_size(cfg, manifest, tasks)
     if cfg.stage == "finetune":  # the task mixture of the shards stage, params' objectives on top
         cfg.objectives = {t: float(manifest.get("mixture", {}).get(t, 1.0)) for t in cfg.tasks} | (cfg.objectives or {})
     step_planners(cfg, counts)  # an objective-less phase (no rows of any weighted objective) fails here
@@ -466,4 +465,4 @@ def train(cfg: TrainConfig) -> dict:
         return read
 
     return run_job(cfg, GeneralistRecipe, datasets, run_name=cfg.run_name or f"galen-{cfg.stage}", stage=cfg.stage,
-                   extras={"candidates": candidates, "counts": counts, "image_size": image_size})
+                   extras={"candidates": candidates, "counts": counts})

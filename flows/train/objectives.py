@@ -35,7 +35,7 @@ from galen.flows.train.examples import (
 )
 from galen.model.errors import GalenInputError
 from galen.model.tasks import EVALUATED_TASKS
-from galen.model.tokenizer import GalenTokenizer
+from galen.model.vocabulary import GalenTokenizer
 
 # objective -> the shard tasks whose records can feed it (in order of preference)
 PRETRAIN_SOURCES: dict[str, tuple[str, ...]] = {

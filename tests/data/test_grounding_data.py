@@ -19,8 +19,9 @@ from galen.flows.shards import ShardConfig, build_shards, scale_boxes, shard_pat
 from galen.flows.train.examples import grounding_example, make_example
 from galen.flows.validate import ValidationConfig, validate
 from galen.model.errors import GalenInputError
+from galen.model.sentencepiece_text import train_sentencepiece
 from galen.model.tasks import build_prompt
-from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
+from galen.model.vocabulary import GalenTokenizer
 
 NUM_BINS = 1000
 
@@ -265,8 +266,8 @@ def test_shard_row_grounding_example_bins_decode_to_the_true_box(slake_boxes: Pa
     ingest("slake", slake_boxes, tmp_path / "ingested")
     validate([tmp_path / "ingested"], tmp_path / "validated", ValidationConfig(max_bad_fraction=0.5))
     manifest = build_shards(tmp_path / "validated", tmp_path / "shards",
-                            ShardConfig(image_size={"default": 256, "grounding": shard_size}))
-    assert manifest["image_size"]["grounding"] == shard_size
+                            ShardConfig(models={"generalist": shard_size}))
+    assert manifest["image_size"] == shard_size
     truth = {r.source_id: r for r in slake.read(slake_boxes) if r.task == "grounding" and r.problem is None}
     rows = shard_rows(tmp_path / "shards", "train") + shard_rows(tmp_path / "shards", "val") + \
         shard_rows(tmp_path / "shards", "test")
@@ -292,7 +293,7 @@ def test_demo_slake_shard_rows_ground_the_nodule(tmp_path: Path, tok) -> None:
     ingest("slake", tmp_path / "raw", tmp_path / "ingested")
     summary = validate([tmp_path / "ingested"], tmp_path / "validated", ValidationConfig())
     assert summary["quarantined"] == 0
-    build_shards(tmp_path / "validated", tmp_path / "shards", ShardConfig(image_size={"default": 48}))
+    build_shards(tmp_path / "validated", tmp_path / "shards", ShardConfig(models={"generalist": 48}))
     nodules = [r for split in ("train", "val", "test") for r in shard_rows(tmp_path / "shards", split)
                if r.text == "nodule"]
     assert len(nodules) == 6

@@ -106,15 +106,17 @@ def test_shards_per_task_and_split_with_resized_images(tmp_path, workers):
     rows += [Record(task="nli", split="train", dataset="mednli", source_id="n1", premise="p", hypothesis="h",
                     target="yes", candidates=["maybe", "yes", "no"])]
     validate([write(tmp_path, rows)], tmp_path / "validated", ValidationConfig())
-    cfg = ShardConfig(image_size={"default": 32, "classification": 16}, rows_per_shard=4, workers=workers,
+    cfg = ShardConfig(models={"generalist": 32, "clip": 16}, rows_per_shard=4, workers=workers,
                       mixture={"vqa": 2.0})
     manifest = build_shards(tmp_path / "validated", tmp_path / "shards", cfg)
     assert manifest["by_task_split"] == {"classification/train": 4, "nli/train": 1, "vqa/test": 4, "vqa/train": 10}
     assert manifest["mixture"] == {"classification": 1.0, "nli": 1.0, "vqa": 2.0}
+    # one size for every task, the largest model's input (the smaller model's preprocessing resizes down)
+    assert manifest["image_size"] == 32 and manifest["models"] == {"clip": 16, "generalist": 32}
     train = [r for f in shard_paths(tmp_path / "shards", "vqa", "train") for r in read_records(f)]
     assert len(train) == 10 and all(Image.open(io.BytesIO(r.image)).size == (32, 32) for r in train)
     cls = [r for f in shard_paths(tmp_path / "shards", "classification", "train") for r in read_records(f)]
-    assert all(Image.open(io.BytesIO(r.image)).size == (16, 16) for r in cls)
+    assert all(Image.open(io.BytesIO(r.image)).size == (32, 32) for r in cls)
     candidates = json.loads((tmp_path / "shards" / "candidates.json").read_text())
     assert candidates["demo"]["vqa"] == ["left", "no", "yes"]  # training answers only
     assert candidates["mnist"]["classification"] == ["adipose", "tumour"]
@@ -125,7 +127,7 @@ def test_ray_data_reads_the_shards(tmp_path):
     import ray  # a dependency: never skipped
     rows = [vqa(i) for i in range(6)]
     validate([write(tmp_path, rows)], tmp_path / "validated", ValidationConfig())
-    build_shards(tmp_path / "validated", tmp_path / "shards", ShardConfig(image_size={"default": 32}))
+    build_shards(tmp_path / "validated", tmp_path / "shards", ShardConfig(models={"generalist": 32}))
     ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         ds = ray.data.read_parquet(shard_paths(tmp_path / "shards", "vqa", "train"))

@@ -137,3 +137,134 @@ def test_ingest_lists_every_format():
     for fmt in ("vqa-rad", "slake", "pathvqa", "r2gen", "roco", "peir-gross", "medicat", "medmnist", "mednli",
                 "meqsum", "caption-csv", "webdataset", "ofa-tsv", "dicom"):
         assert f"\n{fmt} " in "\n" + listing
+
+
+# --------------------------------------------------------------------------------------------------
+# The command table: options declared once, on typed configs (flows/cli_options.py)
+# --------------------------------------------------------------------------------------------------
+
+def _subparser(*path: str):
+    parser = build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices[name]
+    return parser.add_pending()  # a command's options are added when it first parses or prints help
+
+
+def test_building_the_parser_imports_no_command_module():
+    """`galen --help` (and every command's start) does not pay for the other commands' imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from galen.flows.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'timm', 'galen.flows.train.generalist_trainer', 'galen.model.predict') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _action(parser, flag: str):
+    return next(a for a in parser._actions if flag in a.option_strings)
+
+
+def test_config_options_take_flag_type_default_choices_and_help_from_the_fields():
+    import argparse
+    from dataclasses import dataclass, field
+
+    from galen.flows.cli_options import ConfigOptions, opt
+
+    @dataclass(kw_only=True)
+    class Toy:
+        max_length: int = opt(40, help="longest answer")
+        name: str = opt(help="no default: required")
+        tags: list[str] | None = opt(None, help="several values")
+        mode: str = opt("a", choices=("a", "b"), help="one of two")
+        fast: bool = opt(False, help="a switch")
+        version: str | None = opt(None, exclusive="which", help="by number")
+        alias: str | None = opt(None, exclusive="which", help="by alias")
+        ratio: float = field(default=0.5)  # no metadata at all
+
+    parser = argparse.ArgumentParser()
+    ConfigOptions(Toy).add_to(parser)
+    ConfigOptions(Toy, ("ratio",), section="toy", override=True, flags={"ratio": "--r"}).add_to(parser)
+    acts = {a.dest: a for a in parser._actions}
+    assert acts["max_length"].option_strings == ["--max-length"] and acts["max_length"].type is int
+    assert acts["max_length"].default == 40 and not acts["max_length"].required
+    assert acts["name"].required and acts["tags"].nargs == "+" and acts["mode"].choices == ["a", "b"]
+    assert acts["fast"].__class__.__name__ == "_StoreTrueAction" and acts["fast"].default is False
+    assert acts["r"].type is float and acts["r"].default is None and acts["r"].help == "override toy.ratio"
+    assert [sorted(a.dest for a in g._group_actions) for g in parser._mutually_exclusive_groups] == [["alias", "version"]]
+
+    args = parser.parse_args(["--name", "x", "--tags", "p", "q", "--fast", "--r", "0"])
+    assert ConfigOptions(Toy).values(args) == {"max_length": 40, "name": "x", "tags": ["p", "q"], "mode": "a",
+                                               "fast": True, "version": None, "alias": None, "ratio": 0.5}
+    assert Toy(**{k: v for k, v in ConfigOptions(Toy).values(args).items() if k != "ratio"}).tags == ["p", "q"]
+    override = ConfigOptions(Toy, ("ratio", "fast", "tags"), override=True, flags={"ratio": "--r"})
+    assert override.values(args) == {"ratio": 0.0, "fast": True, "tags": ["p", "q"]}  # 0 is given, not "unset"
+    assert override.values(parser.parse_args(["--name", "x"])) == {}
+    with pytest.raises(TypeError, match="has no fields"):
+        ConfigOptions(Toy, ("no_such_field",)).add_to(argparse.ArgumentParser())
+
+
+def test_train_options_are_train_config_fields_and_parse_into_a_config():
+    import dataclasses
+    from pathlib import Path
+
+    from galen.flows.cli import TRAIN
+    from galen.flows.params import load_params
+    from galen.flows.train.generalist_trainer import TrainConfig, load_train_config
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(TRAIN.names) <= set(fields)
+    tr = _subparser("train")
+    assert _action(tr, "--workers").dest == "workers" and _action(tr, "--workers").type is int
+    assert _action(tr, "--zero-stage").choices == [0, 1, 2, 3] and _action(tr, "--zero-stage").default is None
+    assert _action(tr, "--stage").required and _action(tr, "--stage").choices == ["pretrain", "finetune"]
+    assert _action(tr, "--use-gpu").__class__.__name__ == "_StoreTrueAction"
+
+    args = tr.parse_args(["--stage", "finetune", "--workers", "3", "--precision", "bf16", "--steps", "7"])
+    overrides = TRAIN.values(args)
+    assert overrides == {"num_workers": 3, "precision": "bf16", "steps": 7}
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_train_config(load_params(root / "params.yaml"), args.stage, **overrides)
+    assert (cfg.num_workers, cfg.precision, cfg.steps, cfg.stage) == (3, "bf16", 7, "finetune")
+
+
+def test_the_other_configs_options_parse_into_their_configs():
+    from galen.flows.cli import CLIP_TRAIN, EVALUATE_DECODING, SERVE_SETTINGS
+    from galen.model.predict import PredictConfig
+    from galen.serve.settings import ServeSettings
+
+    ev = _subparser("evaluate").parse_args(["--model", "m", "--shards", "s", "--out", "o", "--batch-size", "4",
+                                            "--closed-set-mode", "all"])
+    assert PredictConfig(**EVALUATE_DECODING.values(ev)) == PredictConfig(max_batch_size=4, closed_set_mode="all")
+    assert _subparser("evaluate").parse_args(["--model", "m", "--shards", "s", "--out", "o"]).batch_size == 16
+    sv = _subparser("serve").parse_args(["--alias", "challenger", "--poll-interval", "0"])
+    assert SERVE_SETTINGS.values(sv) == {"alias": "challenger", "poll_interval_s": 0.0}
+    assert ServeSettings().replace(SERVE_SETTINGS.values(sv)).alias == "challenger"
+    ct = _subparser("clip", "train").parse_args(["--workers", "1", "--use-gpu", "--zero-stage", "0"])
+    assert CLIP_TRAIN.values(ct) == {"num_workers": 1, "use_gpu": True, "zero_stage": 0}
+
+
+def test_help_lists_the_options_with_their_help_texts():
+    out = galen("train", "--help")
+    shown = " ".join(out.stdout.split())  # as wide as the terminal: compare without the line breaks
+    assert out.returncode == 0
+    for text in ("--workers WORKERS", "override train.num_workers", "--zero-stage {0,1,2,3}", "--use-gpu",
+                 "one GPU per worker (override train.use_gpu)", "--stage {pretrain,finetune}"):
+        assert text in shown, text
+    gen = " ".join(galen("generate", "--help").stdout.split())
+    assert "--candidates CANDIDATES [CANDIDATES ...]" in gen and "--closed-set-mode {trie,all}" in gen
+    assert "beam search constrained to the candidates" in gen  # PredictConfig's field metadata
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "--stage", "finetune", "--zero-stage", "5"), "invalid choice: 5"),
+    (("train", "--workers", "2"), "the following arguments are required: --stage"),
+    (("evaluate", "--model", "m", "--shards", "s", "--out", "o", "--batch-size", "many"), "invalid int value"),
+    (("promote", "--version", "3", "--alias", "champion"), "not allowed with argument"),
+    (("clip", "index", "--model", "m", "--shards", "s", "--out", "o", "--tasks", "vqa"), "invalid choice: 'vqa'"),
+    (("serve", "--poll-interval", "soon"), "invalid float value"),
+])
+def test_bad_option_values_are_usage_errors_with_status_2(args, message):
+    out = galen(*args, check=False)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -44,6 +44,16 @@ def test_missing_inputs_fail_before_any_worker(tmp_path, demo_shards):
         check_inputs(ClipTrainConfig(shards=str(demo_shards), init=str(tmp_path)))
 
 
+def test_shards_written_for_another_size_are_refused(demo_shards, demo_model_dir):
+    """The demo shards are written for the micro config (64 px); `small` takes 128 px: refused, not resized."""
+    from galen.flows.train.clip_trainer import ClipTrainConfig, check_inputs
+
+    with pytest.raises(GalenInputError, match=r"written for clip 64 px, generalist 128 px, but the CLIP model "
+                                              r"\(config small\) takes 128 px images"):
+        check_inputs(ClipTrainConfig(shards=str(demo_shards), tokenizer=str(demo_model_dir), config="small"))
+    assert check_inputs(ClipTrainConfig(shards=str(demo_shards), tokenizer=str(demo_model_dir)))  # micro fits
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_demo_training_makes_zero_shot_far_better_than_chance(tmp_path, demo_shards, demo_model_dir):

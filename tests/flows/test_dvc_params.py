@@ -1,6 +1,7 @@
 """Every params key a training stage reads is one DVC tracks for that stage: changing any `train.*`
 or `clip.train.*` key marks the right stage as changed in `dvc status` (and only that stage, where
-the key belongs to one)."""
+the key belongs to one). The shards stage too: it reads its own section and the keys that decide
+the trained models' input sizes, found here by changing each key and seeing the sizes change."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from galen.flows.train.generalist_trainer import STAGES, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-TRAINING_STAGES = ("pretrain", "finetune", "clip_train")
+TRAINING_STAGES = ("pretrain", "finetune", "clip_train", "shards")
 
 
 def leaf_keys(section: dict, prefix: str) -> list[str]:
@@ -29,15 +30,55 @@ def leaf_keys(section: dict, prefix: str) -> list[str]:
     return out
 
 
+def model_size_keys() -> list[str]:
+    """The `train.*` / `clip.train.*` keys whose change changes the models' input sizes the shards
+    are written for (or makes them unknowable), outside any checkout (no artifacts to find)."""
+    import os
+    import tempfile
+
+    from galen.flows.shards import model_input_sizes
+
+    def sizes(params):
+        try:
+            return model_input_sizes(params)
+        except Exception as e:  # noqa: BLE001 - a failure is a change too
+            return type(e).__name__
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as empty:
+        os.chdir(empty)
+        try:
+            base = sizes(PARAMS)
+            keys = leaf_keys(PARAMS["train"], "train") + leaf_keys(PARAMS["clip"]["train"], "clip.train")
+            return [k for k in keys if sizes(with_value(PARAMS, k, changed_value(value_at(PARAMS, k)))) != base]
+        finally:
+            os.chdir(here)
+
+
 def stage_reads() -> dict[str, list[str]]:
-    """The params keys each training stage reads: pretraining and fine-tuning merge `train:` with
-    their own `train.<stage>:` (load_train_config); the CLIP trainer reads `clip.train:`."""
+    """The params keys each stage reads: pretraining and fine-tuning merge `train:` with their own
+    `train.<stage>:` (load_train_config); the CLIP trainer reads `clip.train:`; the shards stage its
+    `shards:` section and the keys of the models' sizes."""
     shared = {k: v for k, v in PARAMS["train"].items() if k not in STAGES}
     return {
         "pretrain": leaf_keys(shared, "train") + leaf_keys(PARAMS["train"]["pretrain"], "train.pretrain"),
         "finetune": leaf_keys(shared, "train") + leaf_keys(PARAMS["train"]["finetune"], "train.finetune"),
         "clip_train": leaf_keys(PARAMS["clip"]["train"], "clip.train"),
+        "shards": leaf_keys(PARAMS["shards"], "shards") + model_size_keys(),
     }
+
+
+def value_at(params: dict, dotted: str):
+    node = params
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+def with_value(params: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(params)
+    set_key(out, dotted, value)
+    return out
 
 
 def changed_value(value):
@@ -108,6 +149,11 @@ def changed_params(repo: Path) -> dict[str, set[str]]:
             if isinstance(changed, dict):  # {"train.size": "modified", ...}
                 out[stage.split(":")[-1]] |= set(changed)
     return out
+
+
+def test_the_shards_stage_reads_the_keys_of_the_models_sizes():
+    assert set(model_size_keys()) == {"train.size", "train.pretrain.init", "train.pretrain.out",
+                                      "train.finetune.init", "clip.train.config"}
 
 
 def test_the_key_lists_follow_the_typed_configs():

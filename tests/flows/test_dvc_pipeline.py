@@ -65,13 +65,15 @@ def test_data_stages_reproduce_and_rerun_only_what_changed(repo):
     again = run(["dvc", "repro", "shards", "tokenizer"], repo)
     assert ran_stages(again.stdout) == [] and "up to date" in again.stdout
 
-    # a shard parameter changes: only the shard stage runs (no re-ingest, no re-validation)
+    # the trained model's size changes: only the shard stage runs (no re-ingest, no re-validation), and it
+    # writes the images at the new model's input size (its config's, not a setting of the stage)
+    assert manifest["image_size"] == 128 and manifest["models"] == {"clip": 64, "generalist": 128}
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["shards"]["image_size"]["default"] = 96
+    params["train"]["size"] = "tiny"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run(["dvc", "repro", "shards", "tokenizer"], repo)
     assert ran_stages(changed.stdout) == ["shards"]
-    assert json.loads((repo / "data" / "shards" / "manifest.json").read_text())["image_size"]["vqa"] == 96
+    assert json.loads((repo / "data" / "shards" / "manifest.json").read_text())["models"]["generalist"] == 256
 
     # the default remote is local: push, lose the cache and the data, pull them back
     run(["dvc", "push"], repo)

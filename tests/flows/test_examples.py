@@ -27,11 +27,12 @@ from galen.flows.train.examples import (
 )
 from galen.model.decoding import CandidateTrie
 from galen.model.errors import GalenInputError
-from galen.model.image_codes import PrecomputedCodes
+from galen.model.image_code_files import PrecomputedCodes
 from galen.model.losses import label_smoothed_cross_entropy
+from galen.model.sentencepiece_text import train_sentencepiece
 from galen.model.tasks import NLI_ANSWERS, build_prompt, vqa_prompt
-from galen.model.tokenizer import GalenTokenizer, train_sentencepiece
 from galen.model.vision import preprocess_images
+from galen.model.vocabulary import GalenTokenizer
 
 S = 64  # image side for fine-tuning examples (nano model: 16-px patches)
 WORDS = ("the chest x ray shows a small nodule in left lung no effusion heart size normal lesion "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from galen.model.generalist import GalenModel
-from galen.model.tokenizer import GalenTokenizer
+from galen.model.vocabulary import GalenTokenizer
 from tests.conftest import REFERENCE_CHECK, load_script
 from tests.flows.test_cli import galen
 

@@ -107,21 +107,47 @@ def test_pretraining_can_weight_closed_vqa_as_its_own_objective(demo_shards):
         load_train_config(params(pretrain={"objectives": {"vqa_closd": 1.0}}), "pretrain")
 
 
-def test_the_model_is_built_for_the_size_its_shards_are_trained_and_served_at(tmp_path):
-    """Evaluation and serving resize to config.json's image_size; training must use the same size, image
-    infilling (which builds its own 256-px images) included."""
+def test_the_shards_are_sized_by_the_models_configs_not_by_a_setting(tmp_path):
+    """One place decides a model's input size: its config (a named size, an init folder's config.json,
+    CLIP's named config). The shards stage writes for those models; training, evaluation and serving
+    read the size from the model."""
     import json
 
-    from galen.flows.train.generalist_trainer import model_image_size
+    import yaml
 
-    manifest = {"image_size": {"caption": 128, "vqa": 128, "grounding": 160}}
-    pretrain = load_train_config(params(), "pretrain")
-    assert pretrain.objective_weights().get("image_infilling", 0) > 0
-    assert model_image_size(pretrain, manifest, ["caption", "vqa"]) == 128
-    assert model_image_size(pretrain, manifest, ["caption", "grounding"]) == 160
-    assert model_image_size(load_train_config(params(image_size=224), "pretrain"), manifest, ["vqa"]) == 224
+    from galen.flows.shards import model_input_sizes
+
+    project = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())
+    assert model_input_sizes(project) == {"generalist": 128, "clip": 64}  # nano and micro
+    assert model_input_sizes({"train": {"size": "tiny"}, "clip": {"train": {"config": "biomedclip"}}}) == \
+        {"generalist": 256, "clip": 224}
+    # fine-tuning from the folder pretraining writes: the pretraining size; from a foreign folder: its own
+    chained = {"train": {"size": "base", "pretrain": {"out": "artifacts/pretrained"},
+                         "finetune": {"init": "artifacts/pretrained"}}}
+    assert model_input_sizes(chained) == {"generalist": 256}
     (tmp_path / "config.json").write_text(json.dumps({"image_size": 384}))
-    assert model_image_size(load_train_config(params(init=str(tmp_path)), "finetune"), manifest, ["vqa"]) == 384
+    imported = {"train": {"size": None, "finetune": {"init": str(tmp_path)}}}
+    assert model_input_sizes(imported) == {"generalist": 384}
+    with pytest.raises(GalenInputError, match=r"the generalist's stages take different image sizes .*'pretrain': 128"):
+        model_input_sizes({"train": {"size": "nano", "finetune": {"init": str(tmp_path)}}})
+    with pytest.raises(GalenInputError, match="cannot tell the models' input size"):
+        model_input_sizes({"train": {"finetune": {"init": str(tmp_path / "missing")}}})
+
+
+def test_a_model_refuses_shards_written_for_another_size(tmp_path):
+    import json
+
+    from galen.flows.shards import check_written_for
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"image_size": 128, "models": {"generalist": 128, "clip": 64}}))
+    check_written_for(tmp_path, "generalist", 128, "the generalist")
+    check_written_for(tmp_path, "clip", 64, "CLIP")
+    with pytest.raises(GalenInputError, match=r"written for clip 64 px, generalist 128 px, but the generalist takes "
+                                              r"256 px images; write shards for it: `dvc repro shards`"):
+        check_written_for(tmp_path, "generalist", 256, "the generalist")
+    (tmp_path / "manifest.json").write_text(json.dumps({"image_size": {"vqa": 128}}))  # before models were recorded
+    with pytest.raises(GalenInputError, match="written by an older Galen"):
+        check_written_for(tmp_path, "generalist", 128, "the generalist")
 
 
 def test_missing_shards_tokenizer_or_task_data_are_clear(tmp_path):
@@ -170,6 +196,8 @@ BAD_INPUTS = {
     "missing_shard": ({"shards": "MISSING_SHARD"}, r"the vqa training shards .* hold \d+ rows in \d+ file\(s\) but "
                                                    r"manifest.json counts \d+: a shard file is missing"),
     "init_size": ({"size": "tiny"}, r"train.init=.* does not match train.size='tiny'"),
+    "image_size": ({"init": None, "size": "tiny"}, r"shards under .* were written for clip 64 px, generalist 128 px, "
+                                                    r"but the generalist \(size tiny\) takes 256 px images"),
     "s3_unreachable": ({"storage_path": "s3://galen-ckpt/runs"},
                        r"cannot read s3://galen-ckpt/runs/galen-finetune-\w+/\S+: .*127.0.0.1:\d+.*AWS_ENDPOINT_URL"),
 }

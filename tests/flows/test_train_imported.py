@@ -42,21 +42,28 @@ def imported(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_finetune_from_an_imported_folder(tmp_path, demo_shards, imported, case_single_image):
+def test_finetune_from_an_imported_folder(tmp_path, demo_shards, imported, case_single_image, capsys):
     from mlflow.tracking import MlflowClient
 
     from galen.flows.cli import main
+    from galen.flows.shards import ShardConfig, build_shards
     from galen.model.generalist import GalenModel
     from galen.model.interop import import_reference
-    from galen.model.tokenizer import GalenTokenizer
+    from galen.model.vocabulary import GalenTokenizer
 
     storage, out = tmp_path / "storage", tmp_path / "model"
+    # shards written for the imported model: its config takes 256-px images (the demo's shards are 128 px
+    # for the nano model, and a model never reads shards written for another size)
+    shards = tmp_path / "shards"
+    cfg = ShardConfig.from_params({"train": {"size": None, "finetune": {"init": str(imported)}}})
+    assert cfg.models == {"generalist": 256}
+    build_shards(demo_shards.parent / "validated", shards, cfg)
     # params.yaml names another size and a tokenizer folder that does not exist: `--init` alone must
     # take the architecture and the tokenizer from the imported folder
     params = write_params(tmp_path / "params.yaml", size="nano", tokenizer=str(tmp_path / "no-tokenizer"),
                           tasks=["vqa", "nli"], steps=3, batch_size=2, num_workers=2, zero_stage=2,
                           checkpoint_every=3, max_failures=0, lr=1e-3, warmup_ratio=0.0, log_every=1,
-                          experiment="imported", storage_path=str(storage), shards=str(demo_shards), out=str(out))
+                          experiment="imported", storage_path=str(storage), shards=str(shards), out=str(out))
     run_galen_to_end(["train", "--stage", "finetune", "--params", str(params), "--init", str(imported)], tmp_path)
 
     # the loss of every step was logged and is finite
@@ -96,8 +103,12 @@ def test_finetune_from_an_imported_folder(tmp_path, demo_shards, imported, case_
     assert closed in {"yes", "no"}
     galen("generate", "--model", str(out), "--image", str(tmp_path / "x.png"), "--question", "what organ is shown?",
           "--beam", "2", "--max-length", "5")
-    assert main(["evaluate", "--model", str(out), "--shards", str(demo_shards), "--out", str(tmp_path / "eval.json"),
+    assert main(["evaluate", "--model", str(out), "--shards", str(shards), "--out", str(tmp_path / "eval.json"),
                  "--tasks", "vqa", "nli", "--limit", "4", "--no-mlflow"]) == 0
+    # the demo's 128-px shards are refused with the fix, not resized
+    assert main(["evaluate", "--model", str(out), "--shards", str(demo_shards), "--out", str(tmp_path / "e.json"),
+                 "--no-mlflow"]) == 2
+    assert "but the model" in capsys.readouterr().err and not (tmp_path / "e.json").exists()
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["vqa"]["count"] == 4 and metrics["nli"]["count"] == 4
     assert 0 <= metrics["nli"]["accuracy"] <= 1

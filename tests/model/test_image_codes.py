@@ -18,20 +18,19 @@ from PIL import Image
 from galen.flows.codebook import encode_image_codes, train_image_codes
 from galen.flows.ingest.schema import Record, ShardWriter, image_sha1
 from galen.model.errors import GalenConfigError, GalenInputError
-from galen.model.image_codes import (
+from galen.model.image_code_files import PrecomputedCodes, load_image_codes
+from galen.model.image_codebook import (
     CODEBOOK_FILE,
     IMAGE_CODES_JSON,
     ImageCodeTokenizer,
     KMeansPatchCodes,
-    PrecomputedCodes,
     kmeans,
-    load_image_codes,
     middle_crop,
     patchify,
     reconstruction_error,
     unpatchify,
 )
-from galen.model.tokenizer import GalenTokenizer
+from galen.model.vocabulary import GalenTokenizer
 
 
 def smooth_images(n: int, seed: int = 0, size: int = 128) -> torch.Tensor:

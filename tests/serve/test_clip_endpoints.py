@@ -20,7 +20,8 @@ CLIP = "galen-clip"
 def clip_model(registry, demo_tokenizer, tmp_path_factory):
     """galen-clip version 1 (champion): a random micro model with the demo tokenizer."""
     from galen.flows.params import load_params
-    from galen.flows.registry import CLIP, MetricRule, RegistryConfig, promote, register
+    from galen.flows.registry import CLIP as CLIP_KIND
+    from galen.flows.registry import MetricRule, RegistryConfig, promote, register
     from galen.model.clip import ClipModel
 
     root = tmp_path_factory.mktemp("clip_registry")
@@ -30,7 +31,7 @@ def clip_model(registry, demo_tokenizer, tmp_path_factory):
     config = RegistryConfig(model_name=CLIP, experiment="galen-clip-evaluate",
                             metrics=[MetricRule("zero_shot.accuracy")])
     reg = register(root / "model", config, load_params(ROOT / "params.yaml"), metrics_file=root / "metrics.json",
-                   uri=registry.uri, project=ROOT, kind=CLIP)
+                   uri=registry.uri, project=ROOT, kind=CLIP_KIND)
     assert promote(config, version=reg.version, uri=registry.uri).promoted
     return ClipModel.from_pretrained(root / "model")
 

@@ -87,7 +87,7 @@ def test_build_app_binds_the_deployment_with_settings_from_params(monkeypatch, t
 
 
 def test_openapi_documents_json_and_multipart_bodies():
-    from galen.serve.app import app
+    from galen.serve.routes import app
 
     doc = app.openapi()
     vqa = doc["paths"]["/v1/vqa"]["post"]

@@ -18,14 +18,9 @@ import pytest
 import regex
 
 from galen.model.errors import GalenTokenizerError
-from galen.model.tokenizer import (
-    FAIRSEQ_DICT_FILE,
-    GPT2_BPE_FILES,
-    TEXT_TOKENIZER_KINDS,
-    GalenTokenizer,
-    GPT2BPEText,
-    TextTokenizer,
-)
+from galen.model.gpt2_bpe import FAIRSEQ_DICT_FILE, GPT2_BPE_FILES, GPT2BPEText
+from galen.model.text_tokenizer import TextTokenizer
+from galen.model.vocabulary import TEXT_TOKENIZER_KINDS, GalenTokenizer
 from tests.conftest import REFERENCE_CHECK, load_script
 
 # ----------------------------------------------------------------------------- reference BPE

@@ -14,13 +14,9 @@ import pytest
 import torch
 
 from galen.model.errors import GalenTokenizerError
-from galen.model.tokenizer import (
-    TEXT_TOKENIZER_KINDS,
-    GalenTokenizer,
-    SentencePieceText,
-    TextTokenizer,
-    train_sentencepiece,
-)
+from galen.model.sentencepiece_text import SentencePieceText, train_sentencepiece
+from galen.model.text_tokenizer import TextTokenizer
+from galen.model.vocabulary import TEXT_TOKENIZER_KINDS, GalenTokenizer
 
 VOCAB = 400
 
@@ -493,7 +489,7 @@ def test_sampled_training_is_reproducible_across_processes(corpus: list[str], tm
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(corpus) + "\n", encoding="utf-8")
     code = (
-        "import sys; from galen.model.tokenizer import train_sentencepiece as t; "
+        "import sys; from galen.model.sentencepiece_text import train_sentencepiece as t; "
         "t(None, sys.argv[2], corpus_files=[sys.argv[1]], vocab_size=350, input_sentence_size=300, seed=3)"
     )
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "child")], check=True, cwd=tmp_path)
