@@ -2,9 +2,10 @@
 
 The helpers live here so that R2Gen, ROCO, PEIR Gross, MedICat and the generic formats read images and
 caption files the same careful way: an image path that would leave its root (`../`, an absolute path, a
-symlink pointing out) becomes a record problem and is never opened, a caption file that is not valid
-UTF-8/CSV is one clear `GalenInputError`, and a record with an empty caption is still written with a
-problem so validation can quarantine it.
+symlink pointing out) becomes a record problem naming the field and is never opened (paths.py, shared
+with every adapter), a caption file that is not valid UTF-8/CSV is one clear `GalenInputError`, and a
+record with an empty or non-text caption (null, a number, a list, a lone surrogate: schema.py's
+policy) is still written with a problem so validation can quarantine it.
 
 WebDataset decision: every shard is checked (headers walked, end-of-archive marker required) before
 any sample is yielded, so a truncated or corrupt shard fails the whole ingest with an error naming the
@@ -17,16 +18,16 @@ from __future__ import annotations
 import csv
 import json
 import posixpath
-import re
 import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.schema import SPLITS, Record, split_by_hash
+from galen.flows.ingest.paths import path_problem, read_inside
+from galen.flows.ingest.schema import SPLITS, Record, split_by_hash, text_value
 from galen.model.errors import GalenInputError
 
 LICENSE_UNSPECIFIED = "unspecified: see the source dataset's own terms (pass license=... to record them)"
@@ -61,56 +62,22 @@ def split_option(fmt: str, value: Any) -> str | None:
     return split
 
 
-def unsafe_path_reason(name: str) -> str | None:
-    """Why a relative path from a caption file or archive must not be opened (None when it is fine)."""
-    if not name or not name.strip():
-        return "empty path"
-    if "\x00" in name:
-        return "path contains a NUL byte"
-    win = PureWindowsPath(name)
-    if PurePosixPath(name).is_absolute() or win.is_absolute() or win.drive or name.startswith("\\"):
-        return f"absolute path {name!r}"
-    if ".." in re.split(r"[\\/]", name):
-        return f"path {name!r} has '..' components"
-    return None
-
-
-def read_inside(root: Path, name: str) -> tuple[bytes | None, str | None]:
-    """Bytes of `root/name` if it is a regular file that really lies inside `root`, else (None, why).
-
-    Absolute paths and `..` are refused before touching the disk; symlinks are resolved and refused
-    when they point outside `root`, so a dataset can never make the ingest read other files.
-    """
-    reason = unsafe_path_reason(name)
-    if reason:
-        return None, f"unsafe image path ({reason}); not read"
-    path = Path(root) / name
-    try:
-        real, real_root = path.resolve(), Path(root).resolve()
-    except (OSError, RuntimeError) as e:  # symlink loops
-        return None, f"image path {name!r} cannot be resolved ({e})"
-    if not real.is_relative_to(real_root):
-        return None, f"image {name!r} is a symlink pointing outside {root}; not followed"
-    if not real.is_file():
-        return None, f"image file {name!r} not found in {root}"
-    try:
-        return real.read_bytes(), None
-    except OSError as e:
-        return None, f"image {name!r} cannot be read ({e})"
-
-
 def caption_record(dataset: str, source_id: str, split: str, caption: Any, image: bytes | None, license: str,
-                   problem: str | None = None, meta: dict[str, Any] | None = None) -> Record:
-    """A `task="caption"` record; an empty or non-text caption adds a problem instead of dropping the row."""
+                   problem: str | None = None, meta: dict[str, Any] | None = None,
+                   field: str = "caption") -> Record:
+    """A `task="caption"` record; an empty or non-text caption (named by `field`) adds a problem
+    instead of dropping the row."""
     problems = [problem] if problem else []
     if caption is None:
-        caption = ""
-    elif not isinstance(caption, str):
-        problems.append(f"caption is {type(caption).__name__}, not text")
-        caption = ""
-    caption = caption.strip()
-    if not caption:
-        problems.append("empty caption")
+        text: str | None = ""
+        problems.append(f"empty caption ({field} is missing or null)")
+    else:
+        text, why = text_value(caption, field)
+        if why:
+            problems.append(why)
+        elif not text or not text.strip():
+            problems.append("empty caption")
+    caption = (text or "").strip()
     return Record(task="caption", split=split, dataset=dataset, source_id=source_id, target=caption, image=image,
                   license=license, problem="; ".join(problems) or None, meta=meta or {})
 
@@ -212,7 +179,7 @@ def read_caption_csv(source: Path, **options: Any) -> Iterator[Record]:
             problems.append(f"unknown split {raw_split!r}")
         image = None
         if rel:
-            image, problem = read_inside(root, rel)
+            image, problem = read_inside(root, rel, header[path_col].strip())
             if problem:
                 problems.append(problem)
         else:
@@ -295,13 +262,13 @@ def _read_shard(shard: Path, dataset: str, license: str, split: str | None) -> I
                 tar.members.clear()  # keep memory flat on large shards
                 if member.isdir():
                     continue
-                reason = unsafe_path_reason(member.name)
+                reason = path_problem(member.name, "tar member name")
                 if reason is None and not member.isfile():
                     reason = f"member {member.name!r} is a link or special file; not followed"
                 if reason:
                     sid = f"{shard.name}:{member.name}"
                     yield Record(task="caption", split=split or split_by_hash(sid), dataset=dataset, source_id=sid,
-                                 license=license, problem=f"unsafe archive member ({reason}); not read",
+                                 license=license, problem=f"unsafe archive member ({reason})",
                                  meta={"shard": shard.name, "member": member.name})
                     continue
                 member_key, ext = _key_ext(member.name)

@@ -20,7 +20,8 @@ A file that cannot become an image is a record with `problem`: a `.dcm` file tha
 DICOM without pixel data, or a compressed transfer syntax whose decoder is not installed (the
 message names the transfer syntax and the package to install). Files without a DICOM preamble and
 without a `.dcm`/`.dicom` extension (READMEs, thumbnails) are not DICOM data: skipped and counted in
-an info log, as is a DICOMDIR index.
+an info log, as is a DICOMDIR index. A file of the folder that is a symlink resolving outside it is a
+record with a problem and is never opened (paths.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
+from galen.flows.ingest.paths import resolve_inside
 from galen.flows.ingest.schema import Record, encode_png, split_by_hash
 from galen.model.errors import GalenInputError
 from galen.model.vision import decode_problem, display_pixels, transfer_syntax  # the one DICOM decoder
@@ -152,6 +154,12 @@ def read(source: Path, task: str = "caption", caption_from: str = "SeriesDescrip
         if path.name == LABELS_FILE or path.name.startswith("."):
             ignored += 1
             continue
+        if source.is_dir():  # a symlink in the folder pointing out of it is refused, never read
+            real, refused = resolve_inside(root, rel, "file")
+            if real is None:
+                yield Record(split=split_by_hash(rel), source_id=rel, problem=refused, task=task, dataset="dicom",
+                             license=license, candidates=candidates)
+                continue
         ds, problem = _open(path, pydicom)
         if ds is None and problem is None:
             ignored += 1

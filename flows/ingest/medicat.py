@@ -9,7 +9,9 @@ one paper land in the same split and no paper leaks from train to test.
 Bad lines: the first non-blank line must be a JSON object, otherwise the file is not MedICat JSONL and
 that is an error. After that, a line that is not a JSON object (a corrupt or cut line in a 200k-line
 file) becomes a record with a problem, like any other broken figure: one bad line neither stops the
-ingest nor disappears silently, and validation quarantines it.
+ingest nor disappears silently, and validation quarantines it. Each line is decoded on its own as
+strict UTF-8; `pdf_hash`, `fig_uri` and `s2_caption` must be text (another type or a lone surrogate is
+a problem naming the field: schema.py's policy) and `fig_uri` a path inside the figure folder (paths.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.captions import caption_record, check_options, read_inside, single_file
-from galen.flows.ingest.schema import Record, split_by_hash
+from galen.flows.ingest.captions import caption_record, check_options, single_file
+from galen.flows.ingest.paths import read_inside
+from galen.flows.ingest.schema import Record, split_by_hash, text_value
 from galen.model.errors import GalenInputError
 
 LICENSE = "MedICat terms (allenai/medicat): research use only; figures from open-access papers (S2ORC, PMC OA)"
@@ -62,17 +65,23 @@ def read(source: Path, **options: Any) -> Iterator[Record]:
             yield caption_record("medicat", sid, split_by_hash(sid), "", None, LICENSE, why, {"line": n})
             continue
         first = False
-        missing = [k for k in REQUIRED if not isinstance(row.get(k), str) or not row[k].strip()]
-        problems = [f"missing or empty {missing}"] if missing else []
-        fig_uri = row.get("fig_uri") if isinstance(row.get("fig_uri"), str) else ""
-        sid = fig_uri or f"{path.name}:{n}"
-        paper = row.get("pdf_hash") if isinstance(row.get("pdf_hash"), str) and row["pdf_hash"] else sid
-        image = None
-        if fig_uri:
-            image, problem = read_inside(image_root, fig_uri)
-            if problem:
-                problems.append(problem)
-        caption = row.get("s2_caption") if isinstance(row.get("s2_caption"), str) else ""
-        meta = {k: v for k, v in row.items() if k != "s2_caption"}
-        yield caption_record("medicat", sid, split_by_hash(paper), caption, image, LICENSE,
-                             "; ".join(problems) or None, meta)
+        yield _record(row, path, n, image_root)
+
+
+def _record(row: dict[str, Any], path: Path, n: int, image_root: Path) -> Record:
+    """One figure line as a caption record: the required fields must be text, `fig_uri` a path inside the root."""
+    fields = {k: text_value(row.get(k), k) for k in REQUIRED}
+    missing = [k for k in REQUIRED if row.get(k) is None or (fields[k][0] is not None and not fields[k][0].strip())]
+    problems = [f"missing or empty {missing}"] if missing else []
+    problems += [why for k, (_, why) in fields.items() if why and k not in missing]
+    fig_uri = fields["fig_uri"][0] or ""
+    sid = fig_uri or f"{path.name}:{n}"
+    paper = fields["pdf_hash"][0] or sid
+    image = None
+    if fig_uri:
+        image, problem = read_inside(image_root, fig_uri, "fig_uri")
+        if problem:
+            problems.append(problem)
+    meta = {k: v for k, v in row.items() if k != "s2_caption"}
+    return caption_record("medicat", sid, split_by_hash(paper), fields["s2_caption"][0] or "", image, LICENSE,
+                          "; ".join(problems) or None, meta, field="s2_caption")

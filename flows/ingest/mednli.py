@@ -4,6 +4,9 @@ Each line holds `sentence1` (premise, from MIMIC-III notes), `sentence2` (hypoth
 (entailment | contradiction | neutral) and `pairID`. The gold label becomes the model's answer
 through `NLI_LABEL_TO_ANSWER` (yes / no / maybe), so NLI shares the closed answer set of the
 other yes/no tasks. MedNLI is credentialed (PhysioNet): this adapter only reads a local copy.
+Each line is decoded on its own as strict UTF-8 (a bad line is a record with a problem); the three
+fields must be text (null, numbers, lists or a lone surrogate are a problem naming the field, never
+"None" or "123" as a sentence: schema.py states the policy).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.schema import Record
+from galen.flows.ingest.schema import Fields, Record
 from galen.model.errors import GalenInputError
 from galen.model.tasks import NLI_ANSWERS, NLI_LABEL_TO_ANSWER
 
@@ -37,37 +40,46 @@ def _split_files(source: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _record(split: str, path: Path, line_no: int, line: str) -> Record:
-    """One pair; a malformed line or an unknown label is a record with `problem`, never dropped."""
+def _record(split: str, path: Path, line_no: int, raw: bytes) -> Record:
+    """One pair; a malformed line, a field that is not text or an unknown label is a record with `problem`."""
     fallback_id = f"{path.name}:{line_no}"
+
+    def bad(problem: str) -> Record:
+        return Record("nli", split, "mednli", fallback_id, candidates=list(NLI_ANSWERS), license=LICENSE,
+                      problem=problem, meta={"line": line_no})
+
     try:
-        row = json.loads(line)
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return bad(f"line is not UTF-8 ({e.reason} at byte {e.start})")
     except json.JSONDecodeError as e:
-        return Record("nli", split, "mednli", fallback_id, candidates=list(NLI_ANSWERS), license=LICENSE,
-                      problem=f"line is not valid JSON ({e})")
+        return bad(f"line is not valid JSON ({e})")
     if not isinstance(row, dict):
-        return Record("nli", split, "mednli", fallback_id, candidates=list(NLI_ANSWERS), license=LICENSE,
-                      problem="line is not a JSON object")
-    source_id = str(row.get("pairID") or fallback_id)
+        return bad("line is not a JSON object")
+    fields = Fields(row)
+    source_id = fields.text("pairID", ints=True, required=False) or fallback_id
     missing = [k for k in REQUIRED_KEYS if k not in row]
-    label = str(row.get("gold_label", "")).strip().lower()
+    premise = fields.text("sentence1", required="sentence1" not in missing) or ""
+    hypothesis = fields.text("sentence2", required="sentence2" not in missing) or ""
+    raw_label = fields.text("gold_label", required="gold_label" not in missing, default=None)
+    label = (raw_label or "").strip().lower()
     problem = None
     if missing:
         problem = f"missing keys {missing}"
-    elif label not in NLI_LABEL_TO_ANSWER:
-        problem = f"unknown gold_label {row.get('gold_label')!r}; expected one of {sorted(NLI_LABEL_TO_ANSWER)}"
+    elif raw_label is not None and label not in NLI_LABEL_TO_ANSWER:
+        problem = f"unknown gold_label {raw_label!r}; expected one of {sorted(NLI_LABEL_TO_ANSWER)}"
     meta = {"gold_label": label, "line": line_no}
     return Record(task="nli", split=split, dataset="mednli", source_id=source_id,
-                  premise=str(row.get("sentence1", "")).strip(), hypothesis=str(row.get("sentence2", "")).strip(),
+                  premise=premise.strip(), hypothesis=hypothesis.strip(),
                   target=NLI_LABEL_TO_ANSWER.get(label, ""), candidates=list(NLI_ANSWERS),
-                  license=LICENSE, problem=problem, meta=meta)
+                  license=LICENSE, problem=fields.problem(problem), meta=meta)
 
 
 @register_format("mednli", "MedNLI: mli_{train,dev,test}_v1.jsonl (local copy; credentialed on PhysioNet)")
 def read(source: Path, **_: object) -> Iterator[Record]:
     source = Path(source)
     for split, path in _split_files(source):
-        with path.open(encoding="utf-8") as f:
+        with path.open("rb") as f:  # bytes: each line is decoded on its own, so one bad byte stays in its row
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
                     yield _record(split, path, line_no, line)

@@ -4,6 +4,8 @@ The release is one spreadsheet, `MeQSum_ACL2019_BenAbacha_Demner-Fushman.xlsx`, 
 `File`, `CHQ` (the consumer health question) and `Summary`; Parquet and CSV copies with the same
 columns are read too. The source has no split, so records are split by a hash of the question text
 (duplicate questions land in one split, never leaking train into test) unless a `split` column exists.
+Spreadsheet and CSV cells are read as text; a Parquet cell of another type (a number, a boolean) is a
+record with a problem naming the column, never its str() (schema.py states the policy).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.schema import SPLITS, Record, split_by_hash
+from galen.flows.ingest.schema import SPLITS, Record, split_by_hash, text_value
 from galen.model.errors import GalenInputError
 
 LICENSE = "MeQSum (Ben Abacha & Demner-Fushman 2019), research use"
@@ -62,11 +64,15 @@ def _load(path: Path) -> Any:
     return frame
 
 
-def _cell(value: Any) -> str:
-    """A cell as stripped text; NaN/None (Parquet nulls) become ""."""
+def _cell(value: Any, column: str, problems: list[str] | None = None) -> str:
+    """A cell as stripped text; NaN/None (Parquet nulls, empty cells) become "". Any other non-text
+    value (a number or boolean in a Parquet column) is "" with a problem naming the column."""
     if value is None or (isinstance(value, float) and value != value):
         return ""
-    return str(value).strip()
+    text, why = text_value(value, column)
+    if why and problems is not None:
+        problems.append(why)
+    return (text or "").strip()
 
 
 @register_format("meqsum", "MeQSum: MeQSum_ACL2019_BenAbacha_Demner-Fushman.xlsx (or .parquet/.csv) with CHQ, Summary")
@@ -78,19 +84,25 @@ def read(source: Path, **_: object) -> Iterator[Record]:
         raise GalenInputError(f"{path.name} lacks columns {missing} (has {list(frame.columns)}); "
                               "MeQSum tables have CHQ and Summary")
     has_split = "split" in frame.columns
-    files = [_cell(v) for v in frame["File"]] if "File" in frame.columns else []
+    files = [_cell(v, "File") for v in frame["File"]] if "File" in frame.columns else []
     unique_files = bool(files) and all(files) and len(set(files)) == len(files)
     for i, row in enumerate(frame.to_dict("records")):
-        question, summary = _cell(row["CHQ"]), _cell(row["Summary"])
+        problems: list[str] = []
+        cells = {}
+        for column in ("CHQ", "Summary"):
+            column_problems: list[str] = []
+            cells[column] = _cell(row[column], column, column_problems)
+            problems += column_problems or ([] if cells[column] else [f"empty {column}"])
+        question, summary = cells["CHQ"], cells["Summary"]
         source_id = files[i] if unique_files else f"{path.stem}:{i}"
-        problems = [f"empty {c}" for c, v in (("CHQ", question), ("Summary", summary)) if not v]
         split = split_by_hash(" ".join(question.lower().split()) or source_id)
         if has_split:
-            given = _cell(row["split"]).lower()
+            split_problems: list[str] = []
+            given = _cell(row["split"], "split", split_problems).lower()
             if given in SPLIT_ALIASES:
                 split = SPLIT_ALIASES[given]
             else:
-                problems.append(f"unknown split {given!r}; expected one of {SPLITS}")
+                problems += split_problems or [f"unknown split {given!r}; expected one of {SPLITS}"]
         meta: dict[str, Any] = {"row": i}
         if files:
             meta["file"] = files[i]

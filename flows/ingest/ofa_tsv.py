@@ -6,6 +6,11 @@ Caption rows have 5: `uniq_id, image_id, caption, predicted_object_labels, base6
 files may join several reference captions with `&&`). The source is one `.tsv` file or a folder
 of `*_train.tsv` / `*_val.tsv` / `*_test.tsv`. Files reach gigabytes, so they are streamed line by
 line and each image is only base64-decoded, never opened (validation decodes it).
+
+Text policy (schema.py): each line is decoded on its own as strict UTF-8, so a line with bytes that
+are not UTF-8 is a record with a problem and the rest of the file is ingested; every cell of a decoded
+line is text by construction (UTF-8 decoding never yields lone surrogates), so there are no other
+types to check. Images are inline, so no file named by the TSV is ever opened.
 """
 
 from __future__ import annotations

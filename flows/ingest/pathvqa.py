@@ -4,7 +4,9 @@ Files are named after their split (`data/train-00000-of-00002.parquet`, `validat
 `test-*.parquet`, or plainly `train.parquet`; a `train/0000.parquet` folder layout also works)
 with columns `image` (struct {bytes, path}, the hub's Image feature), `question` and `answer`.
 The release carries no answer type, so it is derived the way PathVQA is evaluated: yes/no
-answers are CLOSED, everything else OPEN.
+answers are CLOSED, everything else OPEN. `question` and `answer` must be text (a column of another
+type, e.g. numbers, makes its rows records with a problem naming the field; schema.py states the policy);
+images are embedded bytes, so no file outside the Parquet files is ever opened.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.schema import Record
+from galen.flows.ingest.schema import Fields, Record, describe
 from galen.model.errors import GalenInputError
 
 DATASET = "pathvqa"
@@ -70,6 +72,27 @@ def _image(value: Any) -> tuple[bytes | None, str | None]:
     return value, None
 
 
+def _record(row: dict[str, Any], split: str, source_id: str, meta: dict[str, Any]) -> Record:
+    """One row as a Record: question and answer must be text (a null is "missing"), the image bytes."""
+    image, image_name = _image(row["image"])
+    missing = [k for k in COLUMNS if (image if k == "image" else row[k]) is None]
+    fields = Fields(row)
+    question = fields.text("question", required=False)
+    answer = fields.text("answer", required=False, default=None)
+    problems = [f"missing {missing}"] if missing else []
+    if image is not None and not isinstance(image, (bytes, bytearray)):
+        problems.append(f"image is {describe(image)}, not image bytes")
+        image = None
+    if image_name:
+        meta["image_path"] = image_name
+    target = (answer or "").strip()
+    return Record(
+        task="vqa", split=split, dataset=DATASET, source_id=source_id, image=image,
+        question=(question or "").strip(), target=target,
+        answer_type=answer_type(target) if answer is not None else None, license=LICENSE,
+        problem=fields.problem(*problems), meta=meta)
+
+
 def _files(source: Path) -> list[tuple[Path, str]]:
     """(file, split) of every Parquet file under `source`, sorted so ids and order never depend on the filesystem."""
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*.parquet") if p.is_file())
@@ -107,19 +130,7 @@ def read(source: Path, **unknown: object) -> Iterator[Record]:
         try:
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
                 for row in batch.to_pylist():
-                    image, image_name = _image(row["image"])
-                    question, answer = row["question"], row["answer"]
-                    missing = [k for k, v in (("image", image), ("question", question), ("answer", answer))
-                               if v is None]
-                    target = str(answer or "").strip()
-                    meta: dict[str, Any] = {"file": rel, "row": index}
-                    if image_name:
-                        meta["image_path"] = image_name
-                    yield Record(
-                        task="vqa", split=split, dataset=DATASET, source_id=f"{id_prefix}:{index}", image=image,
-                        question=str(question or "").strip(), target=target,
-                        answer_type=answer_type(target) if answer is not None else None, license=LICENSE,
-                        problem=f"missing {missing}" if missing else None, meta=meta)
+                    yield _record(row, split, f"{id_prefix}:{index}", {"file": rel, "row": index})
                     index += 1
         except pa.ArrowException as e:
             raise GalenInputError(f"{path} is corrupt after row {index} ({e}); re-download it from the hub") from e

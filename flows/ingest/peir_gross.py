@@ -4,6 +4,8 @@ The source is the mapping file or its folder: a TSV (`image<TAB>caption`, `.tsv`
 (`image,caption`) or a JSON object `{"image_name": "caption"}`; an optional header row is skipped.
 Images live in `images/` next to the mapping (else beside it, or `image_root=`). The dataset has no
 official split, so each image goes to `split_by_hash(image name)`: stable across runs and machines.
+Captions must be text (a JSON null, number, list or a lone surrogate is a problem naming the caption:
+schema.py's policy); an image name leaving the image folder is refused unread (paths.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.captions import caption_record, check_options, iter_csv, iter_lines, read_inside, single_file
+from galen.flows.ingest.captions import caption_record, check_options, iter_csv, iter_lines, single_file
+from galen.flows.ingest.paths import read_inside
 from galen.flows.ingest.schema import Record, split_by_hash
 from galen.model.errors import GalenInputError, read_json
 
@@ -77,7 +80,7 @@ def read(source: Path, **options: Any) -> Iterator[Record]:
             sid = f"{name}@{where}"
         else:
             first_seen[name] = where
-        image, image_problem = read_inside(image_root, name) if name else (None, None)
+        image, image_problem = read_inside(image_root, name, "image name") if name else (None, None)
         if image_problem:
             problems.append(image_problem)
         yield caption_record("peir-gross", sid, split_by_hash(name or sid), caption, image, LICENSE,

@@ -6,6 +6,8 @@
 A study has several views (frontal, lateral): by default one record per study with the first view,
 which is what R2Gen-style single-image models train on, and every path kept in meta; `all_views=True`
 gives one record per image (`source_id` `ID/N`). The split is the annotation key the study sits under.
+`report` must be text and every `image_path` a path inside the image root (refused unread otherwise:
+paths.py); a wrong type or a lone surrogate is a record with a problem naming the field (schema.py).
 
 `dataset=` picks the name and licence. Without it the layout is recognised (MIMIC paths look like
 `p10/p10000032/s50414267/...jpg`, IU ids like `CXR1_1_IM-0001`) and anything else is an error: guessing
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.captions import caption_record, check_options, read_inside
-from galen.flows.ingest.schema import Record
+from galen.flows.ingest.captions import caption_record, check_options
+from galen.flows.ingest.paths import read_inside
+from galen.flows.ingest.schema import Fields, Record, describe
 from galen.model.errors import GalenInputError, read_json
 
 LICENSES = {
@@ -72,30 +75,33 @@ def _study_records(entry: Any, key: str, index: int, image_root: Path, dataset: 
         yield caption_record(dataset, f"{key}:{index}", split, "", None, license, "study is not a JSON object")
         return
     problems = []
-    sid = str(entry.get("id") or "").strip()
+    fields = Fields(entry)
+    sid = (fields.text("id", ints=True, required=False) or "").strip()
     if not sid:
-        problems.append("study has no id")
+        if not fields.problems:
+            problems.append("study has no id")
         sid = f"{key}:{index}"
     paths = entry.get("image_path")
     if isinstance(paths, str):
         paths = [paths]
     if not isinstance(paths, list) or not paths:
-        problems.append("study has no image_path")
+        problems.append("study has no image_path" if paths in (None, [], "")
+                        else f"image_path is {describe(paths)}, not a path or a list of paths")
         paths = []
-    paths = [str(p) for p in paths]
     meta: dict[str, Any] = {"image_paths": paths, "annotation_split": key}
     meta.update({k: entry[k] for k in ("study_id", "subject_id") if k in entry})
     if "split" in entry and entry["split"] != key:
         meta["entry_split"] = entry["split"]  # the key wins; keep the disagreement visible
     views = list(enumerate(paths)) if all_views else list(enumerate(paths[:1]))
+    problem = fields.problem(*problems)
     if not views:
-        yield caption_record(dataset, sid, split, entry.get("report"), None, license, "; ".join(problems), meta)
+        yield caption_record(dataset, sid, split, entry.get("report"), None, license, problem, meta, field="report")
         return
     for view, rel in views:
-        image, problem = read_inside(image_root, rel)
+        image, image_problem = read_inside(image_root, rel, f"image_path[{view}]")
         yield caption_record(dataset, f"{sid}/{view}" if all_views else sid, split, entry.get("report"), image,
-                             license, "; ".join(problems + ([problem] if problem else [])) or None,
-                             {**meta, "view": view, "image_path": rel})
+                             license, "; ".join(p for p in (problem, image_problem) if p) or None,
+                             {**meta, "view": view, "image_path": rel}, field="report")
 
 
 @register_format("r2gen", "IU X-ray / MIMIC-CXR (R2Gen layout): annotation.json {train,val,test: [studies]} "

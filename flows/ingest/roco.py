@@ -5,6 +5,8 @@ or split into `radiology/` and `non-radiology/` (option `subset=` keeps one). A 
 `images/` and a captions file: the release's `captions.txt` (`ROCO_00001<TAB>caption`, image
 `images/ROCO_00001.jpg`) or the CSV re-exports' `id,name,caption` (image `images/<name>`, falling back
 to `<id>.jpg`). `source_id` is the ROCO id; images keep their PMC OA licences, recorded collectively.
+Captions files are strict UTF-8 text (a bad byte is an error naming the file: schema.py's policy), so
+every cell is text; an image name leaving `images/` (`..`, absolute, a symlink out) is refused unread.
 """
 
 from __future__ import annotations
@@ -14,15 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.captions import (
-    caption_record,
-    check_options,
-    column_index,
-    iter_csv,
-    iter_lines,
-    read_inside,
-    unsafe_path_reason,
-)
+from galen.flows.ingest.captions import caption_record, check_options, column_index, iter_csv, iter_lines
+from galen.flows.ingest.paths import read_inside, resolve_inside
 from galen.flows.ingest.schema import Record
 from galen.model.errors import GalenInputError
 
@@ -96,10 +91,14 @@ def _folder_records(split: str, subset: str | None, folder: Path) -> Iterator[Re
         problems = [problem] if problem else []
         if not rid:
             problems.append("row has no ROCO id")
-        image_name = name or f"{rid}.jpg"
-        if name and rid and unsafe_path_reason(name) is None and not (images / name).exists():
-            image_name = f"{rid}.jpg" if (images / f"{rid}.jpg").exists() else name  # some exports use ids
-        image, image_problem = read_inside(images, image_name) if (name or rid) else (None, "row has no image name")
+        image_name, field = (name, "name") if name else (f"{rid}.jpg", "id")
+        if name and rid:
+            real, _ = resolve_inside(images, name, "name")
+            by_id, _ = resolve_inside(images, f"{rid}.jpg", "id")
+            if real is not None and not real.exists() and by_id is not None and by_id.exists():
+                image_name, field = f"{rid}.jpg", "id"  # some exports name the images by id
+        image, image_problem = read_inside(images, image_name, field) if (name or rid) else \
+            (None, "row has no image name")
         if image_problem:
             problems.append(image_problem)
         meta = {"subset": subset, "image_name": image_name, "captions_file": path.name}

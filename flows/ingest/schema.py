@@ -6,6 +6,23 @@ training, evaluation and serving see one shape of data. Images travel as their e
 decoded by the validation stage, which is where a broken image becomes a quarantined row.
 A record the adapter could not complete (a missing image file, say) still gets written, with
 `problem` saying why, so nothing is dropped silently.
+
+Types and text at the edge. Adapters read each field with the type the release uses, through
+`text_value`: text is a string, except where the release itself writes JSON integers (VQA-RAD's
+counting answers `1`, `2`; numeric ids), which are accepted and kept as the text of the integer
+(`"2"`). Anything else (null, a boolean, a list, an object, a float, a number where only text makes
+sense such as a question `123`) makes the row a record with a `problem` naming the field, never a
+coerced string like "None", "True" or "['is', 'there']".
+
+Invalid Unicode policy: files are decoded as strict UTF-8 and text is never repaired or replaced
+(no U+FFFD substitution, no dropped characters), so what is trained on is what the release says.
+A whole-document file (a JSON list, a CSV) whose bytes are not UTF-8 is an error naming the file;
+in line-delimited files (JSONL, OFA TSV) each line stands alone, so a bad line becomes a record with
+a problem. Text that decodes but is not valid Unicode (a lone surrogate from a JSON escape such as
+`"\\ud800"`, which cannot be written as UTF-8) makes its row a record with a problem naming the
+field. As a last line of defence a `Record` checks its own text fields: a value that is not text or
+not valid Unicode becomes a problem on the record (the quarantine keeps a backslash-escaped copy),
+so no row can crash the Parquet writer.
 """
 
 from __future__ import annotations
@@ -13,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,9 +69,122 @@ class Record:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise GalenInputError(f"record {self.source_id}: unknown task {self.task!r}; tasks are {TASKS}")
+            raise GalenInputError(f"record {self.source_id!r}: unknown task {self.task!r}; tasks are {TASKS}")
         if self.split not in SPLITS:
-            raise GalenInputError(f"record {self.source_id}: unknown split {self.split!r}; splits are {SPLITS}")
+            raise GalenInputError(f"record {self.source_id!r}: unknown split {self.split!r}; splits are {SPLITS}")
+        self._check_text()
+
+    def _check_text(self) -> None:
+        """The last line of defence of the text policy (module docstring): text fields that are not
+        text, or not valid Unicode, become a problem instead of a crash in the Parquet writer."""
+        problems = []
+        for name in _TEXT_ATTRS:
+            value = getattr(self, name)
+            if value is None and name not in _REQUIRED_TEXT:
+                continue
+            if not isinstance(value, str):
+                problems.append(f"{name} is {describe(value)}, not text")
+                setattr(self, name, "" if name in _REQUIRED_TEXT else None)
+            elif not value.isascii() and (why := unicode_problem(value, name)):
+                problems.append(why)
+                setattr(self, name, escape_invalid(value))
+        for name in _TEXT_LIST_ATTRS:
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                problems.append(f"{name} is not a list of text")
+                setattr(self, name, None)
+            elif any(unicode_problem(v, name) for v in values):
+                problems.append(f"{name} holds invalid Unicode")
+                setattr(self, name, [escape_invalid(v) for v in values])
+        if problems:
+            self.problem = "; ".join(([self.problem] if self.problem else []) + problems)
+
+
+_REQUIRED_TEXT = ("dataset", "source_id", "target", "license")
+_TEXT_ATTRS = ("dataset", "source_id", "target", "question", "text", "premise", "hypothesis", "answer_type",
+               "license", "problem")
+_TEXT_LIST_ATTRS = ("candidates", "box_labels")
+
+
+def describe(value: Any, limit: int = 40) -> str:
+    """What a value is, in the words of the formats it comes from: "null", "a boolean (true)",
+    "a number (123)", "a list", "an object" (for messages naming a field of the wrong type)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's from Parquet/pandas too
+        return f"a boolean ({str(bool(value)).lower()})"
+    if isinstance(value, numbers.Number):  # numpy scalars from Parquet/pandas too
+        text = repr(value)
+        return f"a number ({text if len(text) <= limit else text[:limit] + '...'})"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    return f"a {type(value).__name__}"
+
+
+def unicode_problem(text: str, field: str) -> str | None:
+    """Why `text` cannot be stored as UTF-8 (a lone surrogate, e.g. from a JSON "\\ud800"), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"{field} is not valid Unicode (lone surrogate {text[e.start]!r} at character {e.start}); "
+                "text is never repaired")
+    return None
+
+
+def escape_invalid(text: str) -> str:
+    """`text` with lone surrogates written as backslash escapes: storable, for the quarantine only."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def text_value(value: Any, field: str, *, ints: bool = False) -> tuple[str | None, str | None]:
+    """(text, None) when `value` of `field` is text, or with `ints=True` (where the release writes
+    JSON integers) an integer, kept as its decimal text; else (None, reason naming the field).
+
+    Booleans, floats, null, lists and objects are never text; neither is a string holding a lone
+    surrogate (see the module docstring for the policy)."""
+    if isinstance(value, str):
+        why = None if value.isascii() else unicode_problem(value, field)
+        return (None, why) if why else (value, None)
+    if ints and isinstance(value, int) and not isinstance(value, bool):
+        return str(value), None
+    return None, f"{field} is {describe(value)}, not text"
+
+
+class Fields:
+    """Reads the text fields of one source row and collects what is wrong with them.
+
+    `Fields(row).text("question")` is the field's text (or "" / `default` with a problem recorded);
+    `problems` lists every missing or mistyped field by name, for the record's `problem`."""
+
+    def __init__(self, row: dict[str, Any]):
+        self.row = row
+        self.problems: list[str] = []
+
+    def text(self, key: str, *, ints: bool = False, required: bool = True, default: str | None = "",
+             label: str | None = None) -> str | None:
+        """The text of `key`. Absent (or null, when not `required`) gives `default`; absent or null
+        when `required`, or of any other type, also records a problem naming `label or key`."""
+        name = label or key
+        if key not in self.row or (self.row[key] is None and not required):
+            if required:
+                self.problems.append(f"missing {name}")
+            return default
+        text, why = text_value(self.row[key], name, ints=ints)
+        if why:
+            self.problems.append(why)
+            return default
+        return text
+
+    def problem(self, *more: str | None) -> str | None:
+        """The collected problems (and `more`) as one `problem` string, None when there are none."""
+        found = [p for p in (*more, *self.problems) if p]
+        return "; ".join(found) or None
 
 
 ARROW_SCHEMA = pa.schema([
@@ -143,7 +274,8 @@ def read_records(path: str | Path) -> Iterator[Record]:
 
 def split_by_hash(key: str, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
     """Deterministic split for datasets that ship without one (stable across machines and runs)."""
-    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    # surrogatepass: the same bytes as UTF-8 for valid text, and no crash on a hostile key
+    h = int(hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if h < test_fraction else "val" if h < test_fraction + val_fraction else "train"
 
 

@@ -2,7 +2,10 @@
 
 Each record has `img_id, img_name ("xmlab102/source.jpg"), question, answer, answer_type
 (CLOSED|OPEN), q_lang (en|zh), modality, location, content_type, base_type, triple, qid`; the
-image lives at `imgs/<img_name>`. SLAKE is bilingual, and a model trained on English prompts
+image lives at `imgs/<img_name>` (a name leaving `imgs/`, by `..`, an absolute path or a symlink, is
+refused unread: paths.py). Text fields are strings (`answer` may also be a JSON integer, kept as its
+text); any other type or a lone surrogate makes the row a record with a problem naming the field
+(schema.py states the policy). SLAKE is bilingual, and a model trained on English prompts
 should not silently see Chinese ones, so only English is kept unless `language` says otherwise.
 
 Each image folder also holds `detection.json`: a JSON list of single-key objects
@@ -25,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
-from galen.flows.ingest.schema import Record
+from galen.flows.ingest.paths import read_inside, resolve_inside
+from galen.flows.ingest.schema import Fields, Record, text_value, unicode_problem
 from galen.model.errors import GalenInputError, read_json
 
 DATASET = "slake"
@@ -45,37 +49,25 @@ def _load_json_list(path: Path) -> list[Any]:
     return read_json(path, list, "SLAKE split files are JSON lists of question records: re-download SLAKE")
 
 
-def safe_image_path(image_dir: Path, name: str) -> Path | None:
-    """`image_dir/name` if it stays inside `image_dir` (no `..` or absolute escapes), else None."""
-    if not name:
-        return None
-    root = image_dir.resolve()
-    candidate = (root / name).resolve()
-    return candidate if candidate.is_relative_to(root) and candidate != root else None
-
-
 def _record(row: Any, split: str, key: str, image_dir: Path) -> Record:
     """One question as a Record; anything wrong with this row alone goes into `problem`."""
     if not isinstance(row, dict):
         return Record("vqa", split, DATASET, key, license=LICENSE, problem="record is not a JSON object")
-    source_id = str(row["qid"]) if row.get("qid") is not None else key
+    fields = Fields(row)
+    source_id = fields.text("qid", ints=True, required=False, default=None) or key
     missing = [k for k in REQUIRED_KEYS if row.get(k) is None]
-    problem = f"missing keys {missing}" if missing else None
-    image = None
-    if problem is None:
-        name = str(row["img_name"])
-        path = safe_image_path(image_dir, name)
-        if path is None:
-            problem = f"image path {name!r} escapes the image folder {image_dir}"
-        elif not path.is_file():
-            problem = f"image file {name} not found in {image_dir}"
-        else:
-            image = path.read_bytes()
-    answer_type = str(row.get("answer_type") or "").strip().upper() or None
+    question = fields.text("question", required=False)
+    answer = fields.text("answer", ints=True, required=False)  # counting answers may be JSON integers
+    fields.text("q_lang", required=False)
+    answer_type = fields.text("answer_type", required=False)
+    image, image_problem = None, None
+    if "img_name" not in missing:
+        image, image_problem = read_inside(image_dir, row["img_name"], "img_name")
     return Record(
         task="vqa", split=split, dataset=DATASET, source_id=source_id, image=image,
-        question=str(row.get("question") or "").strip(), target=str(row.get("answer") or "").strip(),
-        answer_type=answer_type, license=LICENSE, problem=problem,
+        question=(question or "").strip(), target=(answer or "").strip(),
+        answer_type=(answer_type or "").strip().upper() or None, license=LICENSE,
+        problem=fields.problem(f"missing keys {missing}" if missing else None, image_problem),
         meta={k: row[k] for k in META_KEYS if k in row})
 
 
@@ -135,25 +127,29 @@ def _grounding_records(image_dir: Path, image_splits: dict[str, str]) -> Iterato
     """A grounding record per box of every `imgs/<folder>/detection.json` whose image the QA files name."""
     seen: set[Path] = set()
     for name, split in image_splits.items():
-        path = safe_image_path(image_dir, name)
+        path, _ = resolve_inside(image_dir, name, "img_name")
         if path is None or path in seen:
             continue  # an escaping name is the VQA rows' problem; two spellings of one file give one set of boxes
         seen.add(path)
-        detection = path.parent / DETECTION_FILE
+        folder = path.parent.relative_to(image_dir.resolve()).as_posix()
+        detection, refused = resolve_inside(image_dir, f"{folder}/{DETECTION_FILE}", DETECTION_FILE)
+        if detection is None:  # a detection.json symlinked out of the dataset: one record says so, nothing read
+            yield Record(task="grounding", split=split, dataset=DATASET, source_id=f"{folder}/{DETECTION_FILE}",
+                         license=LICENSE, problem=refused, meta={"img_name": name})
+            continue
         if not detection.is_file():
             continue  # not every mirror ships the boxes; the VQA records stand on their own
-        image = path.read_bytes() if path.is_file() else None
+        image, image_problem = read_inside(image_dir, name, "img_name")
         size = _image_size(image) if image is not None else None
-        problem = (None if size is not None else
-                   f"image file {name} not found in {image_dir}" if image is None else
+        problem = (None if size is not None else image_problem if image is None else
                    f"image file {name} could not be read, so its boxes cannot be checked")
         boxes = read_detection(detection, size)
         phrases = [" ".join(obj.split()).lower() for obj, _ in boxes]
         counts = Counter(phrases)
-        folder = path.parent.relative_to(image_dir.resolve()).as_posix()
         for k, ((obj, box), phrase) in enumerate(zip(boxes, phrases)):
             ambiguous = (f"object name {phrase!r} names {counts[phrase]} boxes in {folder}/{DETECTION_FILE}; "
                          "a grounding phrase must identify one box") if counts[phrase] > 1 else None
+            ambiguous = unicode_problem(obj, f"{DETECTION_FILE} object name") or ambiguous
             yield Record(
                 task="grounding", split=split, dataset=DATASET, source_id=f"{folder}/{DETECTION_FILE}:{k}",
                 image=image, text=phrase, target=phrase, boxes=[box], box_labels=[phrase], license=LICENSE,
@@ -193,13 +189,14 @@ def read(source: Path, language: str = "en", grounding: bool = True, **unknown: 
         if path is None:
             continue
         for i, row in enumerate(_load_json_list(path)):
-            if isinstance(row, dict) and row.get("img_name"):
-                name = str(row["img_name"])
+            if isinstance(row, dict) and isinstance(row.get("img_name"), str) and row["img_name"]:
+                name = row["img_name"]
                 if name not in image_splits or SPLIT_PRIORITY[split] < SPLIT_PRIORITY[image_splits[name]]:
                     image_splits[name] = split
-            lang = str(row.get("q_lang") or "").lower() if isinstance(row, dict) else ""
-            # rows without a language are kept (with a problem) so a malformed row is never filtered away unseen
-            if language != "all" and lang and lang != language:
+            lang, _ = text_value(row.get("q_lang"), "q_lang") if isinstance(row, dict) else (None, None)
+            # rows without a (textual) language are kept, with a problem, so a malformed row is never
+            # filtered away unseen
+            if language != "all" and lang and lang.lower() != language:
                 continue
             yield _record(row, split, f"{path.name}:{i}", image_dir)
     if grounding:
