@@ -169,7 +169,13 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> None:
                                    f"{model.cfg.vocab_size:,} rows; use the BPE files that belong to this checkpoint")
     out = model.save_pretrained(args.out, tok)
     src = Path(args.path)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest() if src.is_file() else None
+    digest = None
+    if src.is_file():  # in blocks: a released checkpoint can be several GB
+        sha = hashlib.sha256()
+        with src.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        digest = sha.hexdigest()
     (out / "import.json").write_text(json.dumps({"source": str(src.resolve()), "layout": args.layout,
                                                  "ema": args.ema, "sha256": digest}, indent=2) + "\n")
     print(f"imported a {model.cfg.name} model ({model.num_parameters():,} parameters"
@@ -212,6 +218,7 @@ def _parse_options(pairs: Sequence[str]) -> dict:
 
 def cmd_ingest(args: argparse.Namespace) -> None:
     from galen.flows.ingest import all_formats, ingest
+    from galen.flows.ingest.limits import use_limits
     from galen.flows.params import load_params, section
     from galen.model.errors import GalenInputError
 
@@ -231,7 +238,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
         options = {**(entry.get("options") or {}), **options}
     if not fmt or not source:
         raise GalenInputError("give --format and --source (or --dataset NAME from params.yaml)")
-    result = ingest(fmt, source, args.out, **options)
+    with use_limits(args.params):  # params.yaml ingest.limits: decompressed bytes, arrays, pixels, frames
+        result = ingest(fmt, source, args.out, **options)
     Path(args.out, "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"ingested {result['records']} records from {source} ({fmt}) into {args.out}: {result['by_task_split']}"
           + (f"; {result['with_problems']} with problems (validation will quarantine them)"
@@ -329,12 +337,13 @@ def cmd_learn_check(args: argparse.Namespace) -> None:
     import torch
 
     from galen.flows.ingest.schema import read_records
-    from galen.flows.learn_check import learn_check, write_metrics
+    from galen.flows.learn_check import learn_check, require_accuracy, required_accuracy, write_metrics
     from galen.model.config import get_config
     from galen.model.errors import GalenInputError
     from galen.model.generalist import GalenModel
     from galen.model.vocabulary import GalenTokenizer
 
+    required_accuracy(args.require_accuracy)  # a bad requirement fails before training, not after
     records = [r for r in read_records(args.data) if r.task == args.task and r.split == "train" and not r.problem]
     records = records[: args.limit]
     if not records:
@@ -350,26 +359,23 @@ def cmd_learn_check(args: argparse.Namespace) -> None:
         model.save_pretrained(args.out, tok)
     print(f"learn-check: {result.accuracy:.0%} of {len(records)} answers right after {result.steps} steps "
           f"({result.seconds:.0f}s, final nll {result.final_loss:.3f})")
-    if result.accuracy < args.require_accuracy:
-        raise SystemExit(f"galen: learn-check reached {result.accuracy:.0%} < required "
-                         f"{args.require_accuracy:.0%}; raise --max-steps or check the data")
+    require_accuracy(result.accuracy, args.require_accuracy)  # low or not a number: exit 2 with the reason
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from PIL import Image
-
     from galen.model.decoding import CandidateTrie, GenerationConfig, answer_closed_set, generate
     from galen.model.generalist import GalenModel
     from galen.model.tasks import build_prompt
-    from galen.model.vision import preprocess_images
+    from galen.model.vision import preprocess_images, read_image_file
     from galen.model.vocabulary import GalenTokenizer
 
+    image = read_image_file(args.image) if args.image else None  # size limits checked before decoding
     model = GalenModel.from_pretrained(args.model)
     tok = GalenTokenizer.load(args.model)
     fields = {"question": args.question, "text": args.text, "premise": args.premise, "hypothesis": args.hypothesis}
     prompt = build_prompt(args.task, **{k: v for k, v in fields.items() if v is not None})
     ids, _ = tok.pad_batch([tok.encode_prompt(prompt, max_length=model.cfg.max_positions)])
-    images = preprocess_images([Image.open(args.image)], model.cfg.image_size) if args.image else None
+    images = preprocess_images([image], model.cfg.image_size) if image is not None else None
     if args.candidates:
         trie = CandidateTrie.from_texts(tok, args.candidates)
         index = answer_closed_set(model, ids, [trie], images, mode=args.closed_set_mode, beam_size=args.beam)[0]
@@ -424,7 +430,7 @@ def _register_and_promote(args: argparse.Namespace, cfg: Any, params: dict, kind
     print(f"registered {reg.name} version {reg.version} from run {reg.run_id} (model sha256 {reg.sha256[:12]})")
     report = asdict(reg)
     if args.promote:
-        decision = promote(cfg, version=reg.version)
+        decision = promote(cfg, version=reg.version, break_lock=args.break_lock)
         print(decision.message)
         report.update(promoted=decision.promoted, decision=decision.message, aliases=aliases(cfg))
     if args.report:
@@ -436,14 +442,14 @@ def cmd_promote(args: argparse.Namespace) -> None:
     from galen.flows.registry import promote
 
     cfg, _ = _registry_config(args)
-    print(promote(cfg, version=args.version, alias=args.alias).message)
+    print(promote(cfg, version=args.version, alias=args.alias, break_lock=args.break_lock).message)
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
     from galen.flows.registry import rollback
 
     cfg, _ = _registry_config(args)
-    print(rollback(cfg).message)
+    print(rollback(cfg, break_lock=args.break_lock).message)
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -494,8 +500,13 @@ def _clip_registry_config(args: argparse.Namespace):
 
 
 def cmd_clip_register(args: argparse.Namespace) -> None:
+    from galen.flows.params import load_params
     from galen.flows.registry import CLIP
 
+    clip = load_params(args.params).get("clip")
+    if clip is not None and not isinstance(clip, dict):
+        raise GalenInputError(f"params.yaml `clip:` must be a section with a registry: entry, not a "
+                              f"{type(clip).__name__}")
     cfg, params = _clip_registry_config(args)
     _register_and_promote(args, cfg, params.get("clip") or {}, CLIP)
 
@@ -530,13 +541,16 @@ def cmd_clip_embed(args: argparse.Namespace) -> None:
         raise GalenInputError("zero-shot classification (--labels) needs --image")
     if not args.labels and bool(args.image) == bool(args.text):
         raise GalenInputError("give exactly one of --image or --text (or --image with --labels)")
+    from galen.model.vision import read_image_file
+
+    image = read_image_file(args.image) if args.image else None  # size limits checked before decoding
     model = ClipModel.from_pretrained(args.model)  # after the checks: loading takes seconds
     if args.labels:
-        probs = model.classify([Path(args.image).read_bytes()], args.labels)[0]
+        probs = model.classify([image], args.labels)[0]
         for label, p in sorted(zip(args.labels, probs.tolist()), key=lambda x: -x[1]):
             print(f"{p:.4f}  {label}")
         return
-    emb = model.encode_images([Path(args.image).read_bytes()]) if args.image else model.encode_texts([args.text])
+    emb = model.encode_images([image]) if image is not None else model.encode_texts([args.text])
     print(json.dumps([round(x, 6) for x in emb[0].tolist()]))
 
 
@@ -607,6 +621,10 @@ class EvaluateOptions(EvalOptions):
     samples: int = opt(8, help="sample predictions per task in the MLflow tables")
 
 
+BREAK_LOCK_HELP = ("break a registry lock held from another machine whose holder is gone (its planned alias "
+                   "changes are completed first); a lock of a dead process on this machine is broken without it")
+
+
 @dataclass(kw_only=True)
 class RegisterOptions:
     model: str = opt(help="model folder that was evaluated")
@@ -615,12 +633,14 @@ class RegisterOptions:
     run_id: str | None = opt(None, help="MLflow run holding the eval metrics (default: the metrics file's)")
     promote: bool = opt(False, help="then promote the new version (as `galen promote` does)")
     report: str | None = opt(None, help="write the version, run and promotion decision as JSON here")
+    break_lock: bool = opt(False, help=BREAK_LOCK_HELP)
 
 
 @dataclass(kw_only=True)
 class PromoteOptions:
     version: str | None = opt(None, exclusive="version", help="version number (default: the latest)")
     alias: str | None = opt(None, exclusive="version", help="the version an alias points to, e.g. challenger")
+    break_lock: bool = opt(False, help=BREAK_LOCK_HELP)
 
 
 @dataclass(kw_only=True)
@@ -804,7 +824,8 @@ COMMANDS: tuple[Command, ...] = (
             (ConfigOptions(RegisterOptions), REGISTRY_NAME, PARAMS)),
     Command("promote", "make a registered version champion if it beats the current one (params.yaml "
             "registry.metrics), else challenger", cmd_promote, (ConfigOptions(PromoteOptions), REGISTRY_NAME, PARAMS)),
-    Command("rollback", "make the `previous` champion `champion` again", cmd_rollback, (REGISTRY_NAME, PARAMS)),
+    Command("rollback", "make the `previous` champion `champion` again", cmd_rollback,
+            (arg("--break-lock", action="store_true", help=BREAK_LOCK_HELP), REGISTRY_NAME, PARAMS)),
     Command("summary", "one short table of a pipeline run: per task the held-out result beside chance / majority, "
             "the registered versions, where the model and the MLflow UI are", cmd_summary,
             (ConfigOptions(SummaryOptions),)),

@@ -26,12 +26,23 @@ import torch
 from PIL import Image
 
 from galen.flows.ingest.schema import image_sha1, read_records
+from galen.flows.outputs import replacing_output
 from galen.model.errors import GalenConfigError, GalenInputError
 from galen.model.image_code_files import PARQUET_META_KEY, load_image_codes
-from galen.model.image_codebook import PATCH_SIZE, KMeansPatchCodes, middle_crop, patchify, to_uint8
+from galen.model.image_codebook import (
+    CODEBOOK_FILE,
+    IMAGE_CODES_JSON,
+    PATCH_SIZE,
+    KMeansPatchCodes,
+    middle_crop,
+    patchify,
+    to_uint8,
+)
 
 REPORT_FILE = "report.json"
 PREVIEW_FILE = "preview.png"
+# what `train_image_codes` writes into its folder, the marker first (galen.flows.outputs)
+CODEBOOK_FILES = (REPORT_FILE, IMAGE_CODES_JSON, CODEBOOK_FILE, PREVIEW_FILE)
 MAX_EVAL_IMAGES = 256
 PREVIEW_IMAGES = 8
 
@@ -117,67 +128,69 @@ def train_image_codes(
     if max_images is not None and max_images < 1:
         raise GalenConfigError(f"max_images must be >= 1 or None (all), got {max_images}")
     per_image = grid * grid if patches_per_image is None else min(patches_per_image, grid * grid)
-    start = time.perf_counter()
+    # written whole into a temporary folder that replaces out_dir at the end (galen.flows.outputs)
+    with replacing_output(out_dir, command="galen image-codes train", inputs=[shards_dir],
+                          owned=CODEBOOK_FILES) as out:
+        start = time.perf_counter()
 
-    train_keys = [sha for sha, _ in _image_records(shards_dir, splits)]
-    if not train_keys:
-        raise GalenInputError(f"no usable images in the {'/'.join(splits)} split(s) of {shards_dir}; "
-                              "image codes are trained on image records (run ingest and validate first)")
-    chosen = _select(train_keys, max_images, seed)
-    gen = torch.Generator().manual_seed(int(seed))
-    skipped: Counter[str] = Counter()
-    patches: list[torch.Tensor] = []
-    eval_crops: list[np.ndarray] = []
-    for sha, data in _image_records(shards_dir, splits):
-        if sha not in chosen:
-            continue
-        img = _crop(data, crop)
-        if isinstance(img, str):
-            skipped[img] += 1
-            continue
-        p = patchify(torch.from_numpy(img).permute(2, 0, 1)[None], PATCH_SIZE).reshape(grid * grid, -1)
-        if per_image < grid * grid:
-            p = p[torch.randperm(grid * grid, generator=gen)[:per_image]]
-        patches.append(p.clone())
-        if len(eval_crops) < MAX_EVAL_IMAGES:
-            eval_crops.append(img)
-    if not patches:
-        raise GalenInputError(f"none of the {len(chosen)} selected images in {shards_dir} could be decoded "
-                              f"({dict(skipped)})")
-    x = torch.cat(patches).float() / 127.5 - 1.0
-    tok = KMeansPatchCodes.fit(x, num_codes, grid=grid, normalize=normalize, projection_dim=projection_dim,
-                               seed=seed, epochs=epochs, batch_size=batch_size, device=device)
-    out = Path(out_dir)
-    tok.save(out)
-
-    train_mse, variance, recon = _reconstruction(tok, eval_crops)
-    _write_preview(out / PREVIEW_FILE, eval_crops, recon)
-    train_set = set(train_keys)
-    val_crops: list[np.ndarray] = []
-    if "val" not in splits:
-        for sha, data in _image_records(shards_dir, ("val",)):
-            if sha in train_set:
+        train_keys = [sha for sha, _ in _image_records(shards_dir, splits)]
+        if not train_keys:
+            raise GalenInputError(f"no usable images in the {'/'.join(splits)} split(s) of {shards_dir}; "
+                                  "image codes are trained on image records (run ingest and validate first)")
+        chosen = _select(train_keys, max_images, seed)
+        gen = torch.Generator().manual_seed(int(seed))
+        skipped: Counter[str] = Counter()
+        patches: list[torch.Tensor] = []
+        eval_crops: list[np.ndarray] = []
+        for sha, data in _image_records(shards_dir, splits):
+            if sha not in chosen:
                 continue
             img = _crop(data, crop)
-            if not isinstance(img, str):
-                val_crops.append(img)
-            if len(val_crops) >= MAX_EVAL_IMAGES:
-                break
-    val_mse, _, _ = _reconstruction(tok, val_crops)
-    report = {
-        "kind": tok.kind, "num_codes": tok.num_codes, "codes_used": tok.stats["codes_used"],
-        "crop": crop, "grid": grid, "splits": list(splits), "seed": seed,
-        "images_available": len(train_keys), "images_used": len(patches),
-        "images_skipped": dict(skipped), "patches": int(x.shape[0]), "patches_per_image": per_image,
-        "normalize": normalize, "projection_dim": projection_dim, "epochs": epochs,
-        "init_inertia": tok.stats["init_inertia"], "inertia": tok.stats["inertia"],
-        "inertia_per_patch": tok.stats["inertia"] / x.shape[0],
-        "reconstruction_mse": train_mse, "reconstruction_psnr_db": _psnr(train_mse),
-        "pixel_variance": variance, "eval_images": len(eval_crops),
-        "val_reconstruction_mse": val_mse, "val_reconstruction_psnr_db": _psnr(val_mse),
-        "val_images": len(val_crops), "seconds": round(time.perf_counter() - start, 3),
-    }
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            if isinstance(img, str):
+                skipped[img] += 1
+                continue
+            p = patchify(torch.from_numpy(img).permute(2, 0, 1)[None], PATCH_SIZE).reshape(grid * grid, -1)
+            if per_image < grid * grid:
+                p = p[torch.randperm(grid * grid, generator=gen)[:per_image]]
+            patches.append(p.clone())
+            if len(eval_crops) < MAX_EVAL_IMAGES:
+                eval_crops.append(img)
+        if not patches:
+            raise GalenInputError(f"none of the {len(chosen)} selected images in {shards_dir} could be decoded "
+                                  f"({dict(skipped)})")
+        x = torch.cat(patches).float() / 127.5 - 1.0
+        tok = KMeansPatchCodes.fit(x, num_codes, grid=grid, normalize=normalize, projection_dim=projection_dim,
+                                   seed=seed, epochs=epochs, batch_size=batch_size, device=device)
+        tok.save(out)
+
+        train_mse, variance, recon = _reconstruction(tok, eval_crops)
+        _write_preview(out / PREVIEW_FILE, eval_crops, recon)
+        train_set = set(train_keys)
+        val_crops: list[np.ndarray] = []
+        if "val" not in splits:
+            for sha, data in _image_records(shards_dir, ("val",)):
+                if sha in train_set:
+                    continue
+                img = _crop(data, crop)
+                if not isinstance(img, str):
+                    val_crops.append(img)
+                if len(val_crops) >= MAX_EVAL_IMAGES:
+                    break
+        val_mse, _, _ = _reconstruction(tok, val_crops)
+        report = {
+            "kind": tok.kind, "num_codes": tok.num_codes, "codes_used": tok.stats["codes_used"],
+            "crop": crop, "grid": grid, "splits": list(splits), "seed": seed,
+            "images_available": len(train_keys), "images_used": len(patches),
+            "images_skipped": dict(skipped), "patches": int(x.shape[0]), "patches_per_image": per_image,
+            "normalize": normalize, "projection_dim": projection_dim, "epochs": epochs,
+            "init_inertia": tok.stats["init_inertia"], "inertia": tok.stats["inertia"],
+            "inertia_per_patch": tok.stats["inertia"] / x.shape[0],
+            "reconstruction_mse": train_mse, "reconstruction_psnr_db": _psnr(train_mse),
+            "pixel_variance": variance, "eval_images": len(eval_crops),
+            "val_reconstruction_mse": val_mse, "val_reconstruction_psnr_db": _psnr(val_mse),
+            "val_images": len(val_crops), "seconds": round(time.perf_counter() - start, 3),
+        }
+        (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 
@@ -200,8 +213,25 @@ def encode_image_codes(
     """Write Parquet `image_sha1, codes` (row-major grid^2 ints) for the middle crops of the images.
 
     The file's schema metadata records kind/num_codes/grid, so `PrecomputedCodes.from_file`
-    reports the codebook's real size. Written to a temp name and renamed: never half a file.
+    reports the codebook's real size. Written to a temp name beside it and renamed (galen.flows.outputs):
+    never half a file, never over a file that is not an image-code table, never inside an input.
     """
+    with replacing_output(out_path, command="galen image-codes encode", inputs=[shards_dir, tokenizer_dir],
+                          owned=_is_code_table) as tmp:
+        summary = _encode(shards_dir, tokenizer_dir, tmp, splits=splits, batch_size=batch_size, device=device)
+    return {**summary, "out": str(out_path)}
+
+
+def _is_code_table(path: Path) -> bool:
+    """Whether an existing file is a table `encode_image_codes` wrote (its schema carries the codebook's meta)."""
+    try:
+        return PARQUET_META_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def _encode(shards_dir: str | Path, tokenizer_dir: str | Path, out: Path, *, splits: Sequence[str], batch_size: int,
+            device: str) -> dict[str, Any]:
     tok = load_image_codes(tokenizer_dir)
     if not isinstance(tok, KMeansPatchCodes):
         raise GalenConfigError(f"{tokenizer_dir} holds a {tok.kind!r} image tokenizer, which cannot encode pixels; "
@@ -238,10 +268,5 @@ def encode_image_codes(
     schema = pa.schema([("image_sha1", pa.string()), ("codes", pa.list_(pa.int32()))],
                        metadata={PARQUET_META_KEY: json.dumps(meta).encode()})
     table = pa.Table.from_pydict({"image_sha1": keys, "codes": [c.tolist() for c in codes]}, schema=schema)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(out)
-    return {"images": len(keys), "images_skipped": dict(skipped), "num_codes": tok.num_codes,
-            "grid": tok.grid, "out": str(out)}
+    pq.write_table(table, out, compression="zstd")
+    return {"images": len(keys), "images_skipped": dict(skipped), "num_codes": tok.num_codes, "grid": tok.grid}

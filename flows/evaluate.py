@@ -471,7 +471,7 @@ def evaluate(model_dir: str | Path, shards_dir: str | Path, out: str | Path, *, 
 
     config = predict_config or PredictConfig()
     predictor = GalenPredictor.load(model_dir, config)
-    check_written_for(shards, "generalist", predictor.model.cfg.image_size, f"the model {model_dir}")
+    check_written_for(shards, "generalist", predictor.image_size, f"the model {model_dir}")
     sha = folder_digest(model_dir)  # of the files just loaded: register checks it names the same model
     candidates = load_candidates(shards)
     results: list[TaskResult] = []

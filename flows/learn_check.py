@@ -4,12 +4,15 @@ every one of them.
 The quickest end-to-end proof that images, tokenizer, model, loss, optimizer and decoding work
 together — on the demo data, or on the first few records of a user's own ingested dataset before
 a long run. Examples are built exactly as training builds them (`flows.train.examples`). Single
-process on purpose; distributed training is `galen train`.
+process on purpose; distributed training is `galen train`. The gate (`require_accuracy`) fails an
+accuracy that is no finite number instead of letting NaN pass.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,10 +24,39 @@ from tqdm import tqdm
 from galen.flows.ingest.schema import Record
 from galen.flows.train.examples import Batch, collate, make_example
 from galen.model.decoding import GenerationConfig, generate
-from galen.model.errors import GalenInputError
+from galen.model.errors import GalenError, GalenInputError
 from galen.model.generalist import GalenModel
 from galen.model.losses import label_smoothed_cross_entropy
 from galen.model.vocabulary import GalenTokenizer
+
+
+class LearnCheckFailed(GalenError):
+    """The small model did not reach the required accuracy (or its accuracy is no number)."""
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def required_accuracy(required) -> float:
+    """`require_accuracy` checked before any training: a finite number in [0, 1] (a NaN requirement
+    would let anything pass, one above 1 nothing)."""
+    if not _finite(required) or not 0.0 <= float(required) <= 1.0:
+        raise GalenInputError(f"learn_check.require_accuracy is {required!r}; it must be a finite number in [0, 1]")
+    return float(required)
+
+
+def require_accuracy(accuracy, required) -> None:
+    """The learn-check gate: raise `LearnCheckFailed` unless `accuracy` is a finite number >= `required`.
+    A non-finite accuracy (NaN, ±inf, None, a string) fails, naming its value, instead of passing every
+    comparison (`nan < required` is False)."""
+    required = required_accuracy(required)
+    if not _finite(accuracy):
+        raise LearnCheckFailed(f"learn-check accuracy is {accuracy!r}, not a finite number: it fails the required "
+                               f"{float(required):.0%}; check the data and the model")
+    if float(accuracy) < float(required):
+        raise LearnCheckFailed(f"learn-check reached {float(accuracy):.1%} < required {float(required):.1%}; raise "
+                               "--max-steps or check the data")
 
 
 @dataclass

@@ -12,13 +12,31 @@ the `champion` / `challenger` / `previous` aliases (MLflow 3: aliases, not stage
   decision says which metric fell short and by how much.
 * `rollback` swaps `champion` and `previous` (a second rollback undoes the first).
 
+Numbers are hostile input: a gate metric (params.yaml `registry.metrics`) that is missing, NaN,
+±inf (MLflow's sql stores store ±inf as ±1.8e308, read back as such) or no number at all fails
+every gate with a message naming the metric and its value; `register` refuses such a value in a
+metrics file or evaluation run, `promote` refuses a candidate whose run has one. A champion whose
+own metric is not a finite number counts as failing on that metric: a candidate is then held to
+that metric's floor only, so a broken champion never blocks a good candidate. A metrics file must
+agree with the evaluation run it names: a number that differs from the run's is refused, never
+silently replaced by the run's.
+
 Nothing changes an alias before every check passed (model and alias exist, the run has the
 metrics, the artifact downloads and matches the registered sha256). Alias changes happen under
 `AliasLock`, a registry-wide mutex: creating a registered model is atomic in every MLflow store
 (unique name), so `<name>.lock` exists exactly while one process holds it, on sqlite and behind a
 server alike. The holder writes its planned alias changes on the lock before applying them, so
-one that dies half-way is completed by whoever breaks its stale lock: two racing promotions end
-as if they had run one after the other, never half-applied.
+one that dies half-way is completed by whoever breaks its lock: two racing promotions end as if
+they had run one after the other, never half-applied.
+
+The lock records its holder: host name, pid, and where the OS tells them (Linux /proc) the boot
+id, the pid namespace and the process start time. A waiting promote/rollback on the same machine
+(same host name, boot id and pid namespace) checks that process: gone (or its pid reused by
+another program, or a zombie) means the lock is broken at once, after completing the dead
+holder's plan. A holder on another machine cannot be checked: after `lock_timeout_s` the command
+is refused with a hint to pass `break_lock` (`--break-lock`), which breaks that one lock (plan
+completed first) — but never a lock whose holder is verifiably running on this machine. Any lock
+older than `lock_stale_s` is broken as before.
 """
 
 from __future__ import annotations
@@ -27,14 +45,17 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import math
+import numbers
 import os
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +70,9 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 LOCK_SUFFIX = ".lock"
 OWNER_TAG, INTENT_TAG, ABANDONED_TAG = "galen.lock.owner", "galen.lock.intent", "galen.lock.abandoned"
+# who holds the lock: host name, pid, and (Linux) boot id, pid namespace, process start time (clock ticks after boot)
+HOST_TAG, PID_TAG = "galen.lock.host", "galen.lock.pid"
+BOOT_TAG, PID_NS_TAG, PID_START_TAG = "galen.lock.boot_id", "galen.lock.pid_ns", "galen.lock.pid_start"
 SHA_TAG = "galen.model_sha256"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_PACKAGE = Path(__file__).resolve().parent.parent / "model"  # bundled with the pyfunc as galen/model
@@ -105,6 +129,8 @@ class RegistryConfig:
             for k, v in values.items():
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
                     raise GalenInputError(f"registry.metrics.{name}.{k} must be a number, got {v!r}")
+                if not math.isfinite(v):  # NaN would pass every comparison, inf would block every model
+                    raise GalenInputError(f"registry.metrics.{name}.{k} is {v!r}; it must be a finite number")
             if values["min_improvement"] < 0:
                 raise GalenInputError(f"registry.metrics.{name}.min_improvement is {values['min_improvement']}; it "
                                       "must be >= 0 (a worse model is never promoted)")
@@ -114,6 +140,43 @@ class RegistryConfig:
         if not isinstance(cfg.model_name, str) or not cfg.model_name.strip() or cfg.model_name.endswith(LOCK_SUFFIX):
             raise GalenInputError(f"registry.model_name must be a non-empty name not ending in {LOCK_SUFFIX!r}")
         return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers: a gate metric must be a finite number
+# --------------------------------------------------------------------------------------------------
+
+MISSING = object()                  # `metrics.get(name, MISSING)`: no such metric at all
+STORED_INF = sys.float_info.max     # MLflow's sql stores keep +inf / -inf as +/- this (the largest float)
+
+
+def metric_problem(value: Any = MISSING) -> str | None:
+    """Why `value` cannot be a gate metric, in words (None: it is a finite number). NaN, ±inf (also as
+    MLflow's sql stores return them, ±1.8e308), a missing value, null, strings and booleans all fail."""
+    if value is MISSING:
+        return "missing"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"{value!r}, not a number" if value is not None else "null, not a number"
+    v = float(value)
+    if math.isnan(v):
+        return "NaN, not a number"
+    if math.isinf(v):
+        return f"{v!r}, not a finite number"
+    if abs(v) >= STORED_INF:
+        return f"{v!r} (MLflow's store for {'-' if v < 0 else ''}inf), not a finite number"
+    return None
+
+
+def gate_values(rules: Sequence[MetricRule], metrics: Mapping[str, Any]) -> dict[str, str]:
+    """metric -> what is wrong with its value, for every gate metric that is not a finite number."""
+    return {r.name: problem for r in rules if (problem := metric_problem(metrics.get(r.name, MISSING)))}
+
+
+def _same_number(a: float, b: float) -> bool:
+    """Equal as stored: exactly (up to float noise of a server round trip), NaN equal to NaN."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +267,10 @@ def input_example() -> list[dict[str, Any]]:
              "question": "is there an abnormality in the image?", "candidates": ["yes", "no"]}]
 
 
-def _read_metrics_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
+def _read_metrics_file(path: str | Path, rules: Sequence[MetricRule] = ()) -> tuple[str | None, dict[str, float]]:
+    """(the run id it names, its finite metrics: what `galen evaluate` logged into that run). A gate
+    metric (`rules`) that is there but not a finite number (NaN, Infinity, a string, null) is refused;
+    one that is missing is left to `promote` (which refuses to promote it)."""
     from galen.flows.evaluate import flat_metrics
     from galen.model.errors import read_json
 
@@ -213,7 +279,30 @@ def _read_metrics_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
         raise GalenInputError(f"metrics file {p} not found; run `galen evaluate --out {p}` first")
     data = read_json(p, dict, "it should be the JSON written by `galen evaluate`")
     run_id = data.pop("run_id", None)
+    raw = flatten(data)
+    bad = {name: problem for name, problem in gate_values(rules, raw).items() if name in raw}
+    if bad:
+        raise GalenInputError(f"metrics file {p}: " + "; ".join(f"{k} is {v}" for k, v in bad.items())
+                              + ". registry.metrics gates promotion on these, so each must be a finite number; "
+                              "evaluate the model again")
     return (str(run_id) if run_id else None), flat_metrics(data)
+
+
+def _check_against_run(file: str | Path, file_metrics: Mapping[str, float], run_id: str,
+                       run_metrics_: Mapping[str, float]) -> None:
+    """Every number of the metrics file must be the one its evaluation run holds (the run is the
+    record promotion reads; a file edited or left over from another evaluation is refused)."""
+    wrong = []
+    for name, value in file_metrics.items():
+        key = sanitize_key(name)
+        if key not in run_metrics_:
+            wrong.append(f"{name} is {value!r} in the file, absent from the run")
+        elif not _same_number(float(value), float(run_metrics_[key])):
+            wrong.append(f"{name} is {value!r} in the file, {run_metrics_[key]!r} in the run")
+    if wrong:
+        shown = "; ".join(wrong[:8]) + (f"; and {len(wrong) - 8} more" if len(wrong) > 8 else "")
+        raise GalenInputError(f"metrics file {file} disagrees with its evaluation run {run_id}: {shown}. Register "
+                              "with the file `galen evaluate` wrote for that run (or evaluate again)")
 
 
 def _version_tags(params: Mapping[str, Any], metrics: Mapping[str, float], sha: str, run_id: str,
@@ -292,7 +381,10 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
     sha = folder_digest(folder)
     client, uri = _client(uri)
 
-    file_run, file_metrics = _read_metrics_file(metrics_file) if metrics_file else (None, {})
+    file_run, file_metrics = _read_metrics_file(metrics_file, config.metrics) if metrics_file else (None, {})
+    if run_id and file_run and str(run_id) != file_run:
+        raise GalenInputError(f"metrics file {metrics_file} names run {file_run}, but run {run_id} was given; pass "
+                              "the metrics file alone (its run is used) or the run alone")
     run_id = run_id or file_run
     if run_id:
         try:
@@ -316,6 +408,13 @@ def register(model_dir: str | Path, config: RegistryConfig, params: Mapping[str,
         if not metrics:
             TrainingRun.attach(run_id, uri).log_metrics(file_metrics, step=0)
             metrics = file_metrics
+        elif file_metrics:
+            _check_against_run(metrics_file, file_metrics, run_id, metrics)
+        bad = {name: problem for name, problem in gate_values(config.metrics, metrics).items() if name in metrics}
+        if bad:
+            raise GalenInputError(f"run {run_id}: " + "; ".join(f"{k} is {v}" for k, v in bad.items())
+                                  + ". registry.metrics gates promotion on these, so each must be a finite number; "
+                                  f"evaluate the model again (`galen evaluate --run-id {run_id}`)")
     else:
         if not file_metrics:
             raise GalenInputError("register needs eval metrics: pass --metrics (the JSON `galen evaluate` wrote) or "
@@ -402,13 +501,105 @@ def apply_aliases(client, name: str, changes: Mapping[str, str | None]) -> None:
             client.set_registered_model_alias(name, alias, str(version))
 
 
-class AliasLock:
-    """Mutex over a registered model's aliases, held by creating the registered model `<name>.lock`."""
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
 
-    def __init__(self, client, name: str, timeout_s: float = 120.0, stale_s: float = 900.0):
+
+def _proc_stat(pid: int | str) -> tuple[str, str] | None:
+    """(state, start time in clock ticks after boot) of a process, from Linux /proc; None where unknown."""
+    text = _read_text(f"/proc/{pid}/stat")
+    fields = text.rsplit(")", 1)[1].split() if ")" in text else []   # after "pid (comm)": state is field 3
+    return (fields[0], fields[19]) if len(fields) > 19 else None       # starttime is field 22
+
+
+def this_process() -> dict[str, str]:
+    """The lock tags naming this process: host, pid and, where the OS tells, boot id, pid namespace and
+    start time (so a reused pid, a rebooted host or another container is not taken for the holder)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = ""
+    stat = _proc_stat(os.getpid())
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            BOOT_TAG: _read_text("/proc/sys/kernel/random/boot_id"), PID_NS_TAG: pid_ns,
+            PID_START_TAG: stat[1] if stat else ""}
+    return {k: v for k, v in tags.items() if v}
+
+
+@dataclass
+class LockHolder:
+    """Who holds a lock, from its tags (a lock written by an older Galen has only the owner tag
+    `host:pid:token`: host and pid are read from it)."""
+
+    owner: str
+    host: str | None = None
+    pid: int | None = None
+    boot_id: str = ""
+    pid_ns: str = ""
+    pid_start: str = ""
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> LockHolder:
+        owner = tags.get(OWNER_TAG, "?")
+        host, pid = tags.get(HOST_TAG), tags.get(PID_TAG)
+        if host is None and pid is None and owner.count(":") >= 2:
+            host, pid, _ = owner.rsplit(":", 2)
+        try:
+            number = int(pid) if pid is not None else None
+        except ValueError:
+            number = None
+        return cls(owner, host, number if number is not None and number > 0 else None, tags.get(BOOT_TAG, ""),
+                   tags.get(PID_NS_TAG, ""), tags.get(PID_START_TAG, ""))
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on host {self.host}" if self.host and self.pid else f"owner {self.owner}"
+
+    def on_this_machine(self) -> bool:
+        """Whether its pid can be checked here: same host name, and the same boot id and pid namespace
+        where both sides know them. Unknown (no pid, not POSIX): False, as for another host."""
+        if os.name != "posix" or not self.host or self.pid is None:
+            return False
+        me = this_process()
+        if self.host != me[HOST_TAG]:
+            return False
+        return all(not theirs or not me.get(tag) or theirs == me[tag]
+                   for tag, theirs in ((BOOT_TAG, self.boot_id), (PID_NS_TAG, self.pid_ns)))
+
+    def running(self) -> bool:
+        """Whether the holder process still runs (on this machine): its pid exists, is no zombie and,
+        where its start time was recorded, started then (not a reused pid)."""
+        assert self.pid is not None and self.pid > 0
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass                               # it exists, as another user's process
+        stat = _proc_stat(self.pid)
+        if stat is not None:
+            if stat[0] in ("Z", "X"):          # killed, not yet reaped by its parent
+                return False
+            if self.pid_start and stat[1] != self.pid_start:
+                return False                   # the pid now belongs to another process
+        return True
+
+
+class AliasLock:
+    """Mutex over a registered model's aliases, held by creating the registered model `<name>.lock`
+    tagged with its holder (`this_process`). A waiting process breaks the lock, completing the plan
+    written on it first, when its holder failed half-way, when it is older than `stale_s`, when its
+    holder is on this machine and gone, or (`break_lock`, at most once) when its holder is on another
+    machine, which cannot be checked from here."""
+
+    def __init__(self, client, name: str, timeout_s: float = 120.0, stale_s: float = 900.0, *,
+                 break_lock: bool = False):
         self.client, self.name = client, name
         self.lock_name = f"{name}{LOCK_SUFFIX}"
         self.timeout_s, self.stale_s = timeout_s, stale_s
+        self.break_lock = break_lock
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = self.pending = False
 
@@ -417,7 +608,7 @@ class AliasLock:
         while True:
             try:
                 self.client.create_registered_model(
-                    self.lock_name, tags={OWNER_TAG: self.owner},
+                    self.lock_name, tags={OWNER_TAG: self.owner, **this_process()},
                     description=f"lock of {self.name}'s aliases, held by a running `galen promote`/`rollback`")
                 self.held = True
                 return self
@@ -425,15 +616,12 @@ class AliasLock:
                 if error_code(e) != "RESOURCE_ALREADY_EXISTS" and "database is locked" not in str(e):
                     raise
             holder = self._holder()
-            if holder is not None and ((holder.tags or {}).get(ABANDONED_TAG) == "true"
-                                       or time.time() - holder.creation_timestamp / 1000 > self.stale_s):
-                self._break(holder)
+            reason = self._why_break(holder) if holder is not None else None
+            if reason:
+                self._break(holder, reason)
                 continue
             if time.monotonic() > deadline:
-                who = (holder.tags or {}).get(OWNER_TAG, "?") if holder else "?"
-                raise GalenInputError(f"another promotion or rollback of {self.name!r} holds the lock "
-                                      f"{self.lock_name!r} (owner {who}); try again later, or if that process died, "
-                                      f"wait {self.stale_s:.0f}s for the lock to go stale")
+                raise GalenInputError(self._busy(holder))
             time.sleep(random.uniform(0.05, 0.3))
 
     def _holder(self):
@@ -444,12 +632,54 @@ class AliasLock:
                 return None
             raise
 
-    def _break(self, holder) -> None:
-        """Finish a dead holder's planned alias changes, then remove its lock."""
-        intent = (holder.tags or {}).get(INTENT_TAG)
-        log.warning("breaking the stale lock %s of %s", self.lock_name, (holder.tags or {}).get(OWNER_TAG))
+    def _why_break(self, holder) -> str | None:
+        """Why the lock `holder` may be broken now (None: wait for it)."""
+        tags = holder.tags or {}
+        if tags.get(ABANDONED_TAG) == "true":
+            return "its holder failed half-way"
+        age = time.time() - holder.creation_timestamp / 1000
+        if age > self.stale_s:
+            return f"it is {age:.0f}s old, more than lock_stale_s {self.stale_s:.0f}s"
+        who = LockHolder.from_tags(tags)
+        if who.on_this_machine():
+            return None if who.running() else f"its holder, {who}, is gone"
+        if self.break_lock:
+            self.break_lock = False            # one lock: a later holder is a live process to wait for
+            return f"break_lock was given (its holder, {who}, cannot be checked from this machine)"
+        return None
+
+    def _busy(self, holder) -> str:
+        if holder is None:  # it went away while the store kept refusing the lock
+            return f"could not take the lock {self.lock_name!r} of {self.name!r} in {self.timeout_s:.0f}s; try again"
+        who = LockHolder.from_tags(holder.tags or {})
+        text = f"another promotion or rollback of {self.name!r} holds the lock {self.lock_name!r} ({who})"
+        if who.on_this_machine():
+            return (text + f": that process runs on this machine; wait for it to finish (or stop pid {who.pid}), "
+                    "then try again")
+        return (text + ", which this machine cannot check. If that process is gone, pass --break-lock (its "
+                f"planned alias changes are completed, then the lock is removed); otherwise try again later, or "
+                f"wait {self.stale_s:.0f}s for the lock to go stale")
+
+    def _break(self, holder, reason: str) -> None:
+        """Finish the holder's planned alias changes, then remove its lock, if it still is that lock
+        (another waiting process may have broken it and taken a new one meanwhile)."""
+        now = self._holder()
+        if now is None or ((now.tags or {}).get(OWNER_TAG), now.creation_timestamp) != \
+                ((holder.tags or {}).get(OWNER_TAG), holder.creation_timestamp):
+            return
+        tags = now.tags or {}
+        log.warning("breaking the lock %s of %s: %s", self.lock_name, tags.get(OWNER_TAG), reason)
+        intent = tags.get(INTENT_TAG)
         if intent:
-            apply_aliases(self.client, self.name, json.loads(intent))
+            try:
+                plan = json.loads(intent)
+                if not isinstance(plan, dict) or not all(isinstance(v, (str, type(None))) for v in plan.values()):
+                    raise ValueError("not a mapping of alias to version")
+            except ValueError as e:
+                raise GalenInputError(f"the lock {self.lock_name!r} holds an unreadable plan {intent[:200]!r} "
+                                      f"({e}); check the aliases of {self.name!r}, then delete the registered model "
+                                      f"{self.lock_name!r}") from e
+            apply_aliases(self.client, self.name, plan)
         with contextlib.suppress(Exception):
             self.client.delete_registered_model(self.lock_name)
 
@@ -486,12 +716,15 @@ class Shortfall:
     value: float
     required: float
     basis: str           # "champion v3 0.71 + 0.01" or "floor 0.5"
+    problem: str = ""    # the value is no finite number: what it is instead ("NaN, not a number", "missing")
 
     @property
     def gap(self) -> float:
-        return self.required - self.value
+        return math.inf if self.problem else self.required - self.value
 
     def __str__(self) -> str:
+        if self.problem:
+            return f"{self.metric} is {self.problem}: it fails against the required {self.required:.4f} ({self.basis})"
         return (f"{self.metric} = {self.value:.4f} is {self.gap:.4f} short of the required {self.required:.4f} "
                 f"({self.basis})")
 
@@ -518,39 +751,56 @@ class Decision:
                 + "; ".join(str(s) for s in self.shortfalls))
 
 
-def compare(rules: list[MetricRule], candidate: Mapping[str, float], champion: Mapping[str, float] | None,
+def compare(rules: list[MetricRule], candidate: Mapping[str, Any], champion: Mapping[str, Any] | None,
             champion_version: str | None) -> list[Shortfall]:
-    """The metrics on which the candidate falls short (empty: it is better)."""
+    """The metrics on which the candidate falls short (empty: it is better). A candidate value that is
+    no finite number (missing, NaN, ±inf, not a number) always falls short. A champion value that is no
+    finite number counts as failing: the candidate is held to that metric's floor instead, so a
+    broken champion cannot block every later candidate."""
     out = []
     for rule in rules:
-        value = candidate[rule.name]
-        if champion is not None and rule.name in champion:
-            required = champion[rule.name] + rule.min_improvement
-            basis = f"champion v{champion_version} {champion[rule.name]:.4f} + min_improvement {rule.min_improvement}"
+        value = candidate.get(rule.name, MISSING)
+        held = champion.get(rule.name, MISSING) if champion is not None else MISSING
+        held_problem = metric_problem(held)
+        if champion is not None and held_problem is None:
+            required = float(held) + rule.min_improvement
+            basis = f"champion v{champion_version} {float(held):.4f} + min_improvement {rule.min_improvement}"
         else:
-            required, basis = rule.floor, f"floor {rule.floor}" + (" (the champion has no such metric)"
-                                                                    if champion is not None else "")
-        if value < required:
-            out.append(Shortfall(rule.name, value, required, basis))
+            required, basis = rule.floor, f"floor {rule.floor}"
+            if champion is not None:
+                basis += (" (the champion has no such metric)" if held is MISSING else
+                          f" (the champion's value is {held_problem}: it counts as failing)")
+        problem = metric_problem(value)
+        if problem:
+            out.append(Shortfall(rule.name, math.nan, required, basis, problem))
+        elif float(value) < required:
+            out.append(Shortfall(rule.name, float(value), required, basis))
     return out
 
 
 def promote(config: RegistryConfig, *, version: str | int | None = None, alias: str | None = None,
-            uri: str | None = None) -> Decision:
+            uri: str | None = None, break_lock: bool = False) -> Decision:
     """Make a candidate (a version, an alias, or the latest version) champion if it beats the current
-    one on every configured metric; otherwise make it challenger."""
+    one on every configured metric; otherwise make it challenger. A candidate whose gate metric is
+    missing or no finite number is refused (nothing changes). `break_lock`: break a registry lock
+    held by a process on another machine (see `AliasLock`)."""
     client, uri = _client(uri)
     name = config.model_name
     cand = get_version(client, name, version, alias, uri=uri)
     what = f"version {cand.version} of {name!r}"
     metrics = run_metrics(client, cand.run_id, what)
-    missing = [r.name for r in config.metrics if r.name not in metrics]
+    bad = gate_values(config.metrics, metrics)
+    missing = [k for k in bad if k not in metrics]
     if missing:
         raise GalenInputError(f"run {cand.run_id} of {what} has no metric {', '.join(missing)} (it has "
                               f"{', '.join(sorted(metrics)[:12])}...); evaluate the tasks params.yaml "
                               "registry.metrics names, or change that list")
+    if bad:
+        raise GalenInputError(f"run {cand.run_id} of {what}: " + "; ".join(f"{k} is {v}" for k, v in bad.items())
+                              + ". A gate metric must be a finite number, so it cannot be promoted; evaluate it "
+                              "again and register the result")
     verify_artifact(client, cand, uri)
-    with AliasLock(client, name, config.lock_timeout_s, config.lock_stale_s) as lock:
+    with AliasLock(client, name, config.lock_timeout_s, config.lock_stale_s, break_lock=break_lock) as lock:
         champ = get_alias(client, name, CHAMPION)
         if champ is not None and str(champ.version) == str(cand.version):
             return Decision(name, str(cand.version), True, str(champ.version),
@@ -577,8 +827,9 @@ def promote(config: RegistryConfig, *, version: str | int | None = None, alias: 
         return Decision(name, str(cand.version), True, champ and str(champ.version))
 
 
-def rollback(config: RegistryConfig, *, uri: str | None = None) -> Decision:
-    """`previous` becomes `champion` again and the demoted champion becomes `previous`."""
+def rollback(config: RegistryConfig, *, uri: str | None = None, break_lock: bool = False) -> Decision:
+    """`previous` becomes `champion` again and the demoted champion becomes `previous` (no metric
+    gate: an emergency rollback). `break_lock`: as in `promote`."""
     client, uri = _client(uri)
     name = config.model_name
     get_registered_model(client, name, uri)
@@ -586,7 +837,7 @@ def rollback(config: RegistryConfig, *, uri: str | None = None) -> Decision:
     if prev is None:
         raise GalenInputError(f"{name!r} has no `{PREVIOUS}` alias: there is no earlier champion to roll back to")
     verify_artifact(client, prev, uri)
-    with AliasLock(client, name, config.lock_timeout_s, config.lock_stale_s) as lock:
+    with AliasLock(client, name, config.lock_timeout_s, config.lock_stale_s, break_lock=break_lock) as lock:
         champ, prev_now = get_alias(client, name, CHAMPION), get_alias(client, name, PREVIOUS)
         if prev_now is None or str(prev_now.version) != str(prev.version):
             raise GalenInputError(f"the `{PREVIOUS}` alias of {name!r} moved while rolling back (another promotion "

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from galen.flows.ingest.schema import ARROW_SCHEMA, from_row, image_sha1, to_row
+from galen.flows.outputs import replacing_output
 from galen.model.errors import GalenInputError
 from galen.model.tasks import NLI_ANSWERS
 
@@ -207,34 +208,35 @@ def closed_answer_sets(rows: list[dict]) -> dict[str, dict[str, list[str]]]:
     return {d: {t: sorted(v) for t, v in tasks.items()} for d, tasks in sorted(sets.items())}
 
 
+SHARD_FILES = ("manifest.json", "candidates.json", "*/*/part-*.parquet")  # the marker first (galen.flows.outputs)
+
+
 def build_shards(validated_dir: str | Path, out_dir: str | Path, cfg: ShardConfig) -> dict:
     src = Path(validated_dir)
     files = sorted(p for p in src.glob("part-*.parquet"))
     if not files:
         raise GalenInputError(f"no validated shards in {src}; run the validate stage first")
-    out = Path(out_dir)
-    if out.exists():
-        for old in out.rglob("*.parquet"):
-            old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    groups = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
-    jobs = [(str(f), g, str(out), cfg.__dict__, i) for i, (f, g) in enumerate(groups)]
-    if cfg.workers > 1:
-        with ProcessPoolExecutor(cfg.workers) as pool:
-            written = [p for ps in pool.map(_process_file, jobs) for p in ps]
-    else:
-        written = [p for job in jobs for p in _process_file(job)]
-    rows = [r for f in files for r in pq.read_table(f, columns=LABEL_COLUMNS).to_pylist()]  # no image bytes
-    counts = Counter(f"{r['task']}/{r['split']}" for r in rows)
-    candidates = closed_answer_sets(rows)
-    (out / "candidates.json").write_text(json.dumps(candidates, indent=2, sort_keys=True) + "\n")
-    tasks = sorted({r["task"] for r in rows})
-    mixture = {t: float(cfg.mixture.get(t, 1.0)) for t in tasks}
-    manifest = {"shards": len(written), "rows": len(rows), "by_task_split": dict(sorted(counts.items())),
-                "image_size": cfg.image_size, "models": dict(sorted(cfg.models.items())),
-                "image_format": cfg.image_format,
-                "mixture": mixture}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # written whole into a temporary folder that replaces `out_dir` at the end (galen.flows.outputs): never
+    # mixed with a previous run's shards, never over files this stage did not write
+    with replacing_output(out_dir, command="galen shards", inputs=[src], owned=SHARD_FILES) as out:
+        groups = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
+        jobs = [(str(f), g, str(out), cfg.__dict__, i) for i, (f, g) in enumerate(groups)]
+        if cfg.workers > 1:
+            with ProcessPoolExecutor(cfg.workers) as pool:
+                written = [p for ps in pool.map(_process_file, jobs) for p in ps]
+        else:
+            written = [p for job in jobs for p in _process_file(job)]
+        rows = [r for f in files for r in pq.read_table(f, columns=LABEL_COLUMNS).to_pylist()]  # no image bytes
+        counts = Counter(f"{r['task']}/{r['split']}" for r in rows)
+        candidates = closed_answer_sets(rows)
+        (out / "candidates.json").write_text(json.dumps(candidates, indent=2, sort_keys=True) + "\n")
+        tasks = sorted({r["task"] for r in rows})
+        mixture = {t: float(cfg.mixture.get(t, 1.0)) for t in tasks}
+        manifest = {"shards": len(written), "rows": len(rows), "by_task_split": dict(sorted(counts.items())),
+                    "image_size": cfg.image_size, "models": dict(sorted(cfg.models.items())),
+                    "image_format": cfg.image_format,
+                    "mixture": mixture}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -13,6 +13,8 @@ writing all of that, when the bad fraction exceeds the threshold from params.yam
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import json
 from collections import Counter
@@ -134,14 +136,61 @@ def _dedup_key(rec: Record) -> tuple:
             rec.target)
 
 
+QUARANTINE = "quarantine.parquet"  # always written: the mark of a folder `galen validate` wrote
+REPORT = "report.json"  # the report's place when no --report is given
+
+
+def _is_report(path: Path) -> bool:
+    """Whether an existing --report file is one this stage wrote (so it may be replaced)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"rows", "valid", "quarantined", "max_bad_fraction"} <= set(report)
+
+
 def validate(sources: Iterable[str | Path], out_dir: str | Path, cfg: ValidationConfig,
              rows_per_shard: int = 2048, report_path: str | Path | None = None) -> dict:
     """Validate ingested shards into `out_dir/{part-*.parquet, quarantine.parquet}` and a report
-    (`out_dir/report.json` unless `report_path` says where: DVC metrics live outside outputs)."""
+    (`out_dir/report.json` unless `report_path` says where: DVC metrics live outside outputs).
+
+    The folder (and a report outside it) is written whole (`galen.flows.outputs.replacing_output`):
+    an `out_dir` that is, holds or lies in an input is refused, as is one holding files this stage
+    does not write; a run that fails leaves the previous output as it was."""
+    from galen.flows.outputs import refuse_overlap, replacing_output
+
+    sources = [Path(s) for s in sources]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.parquet"):
-        old.unlink()
+    report_file = Path(report_path) if report_path else out / REPORT
+    try:  # a report inside the folder is written with it; one outside is an output of its own
+        report_in_out: str | None = report_file.resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        report_in_out = None
+    owned = [QUARANTINE, "part-*.parquet", REPORT]
+    if report_in_out not in (None, "."):
+        owned.append(glob.escape(report_in_out))
+    else:
+        report_in_out = None
+        refuse_overlap(report_file, [*sources, out], "galen validate", "--report")
+    with contextlib.ExitStack() as stack:  # exits in reverse: the folder is renamed into place, then the report
+        report_tmp = None if report_in_out is not None else stack.enter_context(
+            replacing_output(report_file, command="galen validate", inputs=sources, owned=_is_report,
+                             flag="--report"))
+        tmp = stack.enter_context(replacing_output(out, command="galen validate", inputs=sources, owned=owned))
+        summary, failure = _validate_into(sources, tmp, out, cfg, rows_per_shard, report_file)
+        if report_tmp is None:
+            report_tmp = tmp / str(report_in_out)
+        report_tmp.parent.mkdir(parents=True, exist_ok=True)
+        report_tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    if failure:  # raised once the folder and the report are in place, for a person to read
+        raise DataQualityError(failure)
+    return summary
+
+
+def _validate_into(sources: list[Path], tmp: Path, out: Path, cfg: ValidationConfig, rows_per_shard: int,
+                   report_file: Path) -> tuple[dict, str | None]:
+    """Write the validated shards and the quarantine into `tmp` (the folder that becomes `out`);
+    returns the report and, when too many rows are bad, the error to raise."""
     records = [r for src in sources for r in read_records(src)]
     if not records:
         raise GalenInputError("no records to validate; did the ingest stage write any?")
@@ -174,7 +223,7 @@ def validate(sources: Iterable[str | Path], out_dir: str | Path, cfg: Validation
 
     quarantined, report = [], Counter()
     by_task_split: Counter = Counter()
-    with ShardWriter(out, rows_per_shard) as writer:
+    with ShardWriter(tmp, rows_per_shard) as writer:
         for rec, reason in zip(records, reasons):
             if reason is None:
                 writer.write(rec)
@@ -185,21 +234,18 @@ def validate(sources: Iterable[str | Path], out_dir: str | Path, cfg: Validation
                 quarantined.append(row)
                 report[f"{rec.task}/{rec.split}/{reason_kind(reason)}"] += 1
     schema = ARROW_SCHEMA.append(pa.field("reason", pa.string()))
-    pq.write_table(pa.Table.from_pylist(quarantined, schema=schema), out / "quarantine.parquet.tmp")
-    (out / "quarantine.parquet.tmp").replace(out / "quarantine.parquet")
+    pq.write_table(pa.Table.from_pylist(quarantined, schema=schema), tmp / QUARANTINE)
 
     bad_fraction = len(quarantined) / len(records)
     summary = {"rows": len(records), "valid": len(records) - len(quarantined), "quarantined": len(quarantined),
                "bad_fraction": round(bad_fraction, 6), "max_bad_fraction": cfg.max_bad_fraction,
                "valid_by_task_split": dict(sorted(by_task_split.items())),
                "quarantined_by_task_split_reason": dict(sorted(report.items()))}
-    report_file = Path(report_path) if report_path else out / "report.json"
-    report_file.parent.mkdir(parents=True, exist_ok=True)
-    report_file.write_text(json.dumps(summary, indent=2) + "\n")
+    failure = None
     if bad_fraction > cfg.max_bad_fraction:
         top = ", ".join(f"{k} ({v})" for k, v in report.most_common(5))
-        raise DataQualityError(
+        failure = (
             f"{len(quarantined)} of {len(records)} rows ({bad_fraction:.1%}) failed validation, above "
             f"validate.max_bad_fraction={cfg.max_bad_fraction:.1%}. Most common: {top}. The rows and their reasons "
-            f"are in {out / 'quarantine.parquet'}, counts in {report_file}; fix the source data or raise the threshold in params.yaml.")
-    return summary
+            f"are in {out / QUARANTINE}, counts in {report_file}; fix the source data or raise the threshold in params.yaml.")
+    return summary, failure

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from galen.model.config import GalenConfig
@@ -61,14 +61,38 @@ def load_config(directory: str | Path) -> GalenConfig:
                                                      "its weights; copy it from where the model was saved"))
 
 
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a safetensors file declares, from its header alone (no tensor is
+    read), or GalenCheckpointError when the file is not safetensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GalenCheckpointError(f"{path} cannot be read as safetensors ({e}); the file is truncated or "
+                                   "corrupt — copy it again from its source") from e
+
+
+def model_shapes(cfg: GalenConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of GalenModel(cfg)'s state dict, built on the meta device
+    (nothing is allocated), so a file's shapes are checked against its config before any loading."""
+    from galen.model.generalist import GalenModel
+
+    with torch.device("meta"):
+        skeleton = GalenModel(cfg)
+    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+
+
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> GalenModel:
-    """Build the model from `config.json` and load `model.safetensors` strictly."""
+    """Build the model from `config.json` and load `model.safetensors` strictly. Everything is checked
+    before memory is spent: the config (types, ranges, parameter limit), then the shapes the weights
+    file declares against the ones the config builds; only then are the model and the tensors made."""
     from galen.model.generalist import GalenModel
 
     d = Path(directory)
     cfg = load_config(d)
     weights = _require(d, WEIGHTS_FILE, "the weights file is missing; copy it beside config.json, or for a "
                                         "reference checkpoint run `galen import-checkpoint` first")
+    check_shapes(model_shapes(cfg), safetensors_shapes(weights), source=str(weights))
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as e:
@@ -79,19 +103,17 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location).eval()
 
 
-def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                      names: Callable[[str], str] | None = None,
-                      hint: str = "Is config.json the one saved with these weights?") -> None:
-    """load_state_dict(strict) with every shape checked first and all problems listed in one message.
-
-    `names` shows a key as the checkpoint's own layout calls it (an importer's renamed keys), so the
-    message lists what the user can find in their file."""
+def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str,
+                 names: Callable[[str], str] | None = None,
+                 hint: str = "Is config.json the one saved with these weights?") -> None:
+    """Every expected tensor present with its shape and nothing else, or GalenCheckpointError listing
+    all problems in one message. `names` shows a key as the checkpoint's own layout calls it (an
+    importer's renamed keys), so the message lists what the user can find in their file."""
     name = names or (lambda k: k)
-    expected = model.state_dict()
-    missing = sorted(name(k) for k in set(expected) - set(state))
-    unexpected = sorted(name(k) for k in set(state) - set(expected))
-    wrong = sorted(f"{name(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                   for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    missing = sorted(name(k) for k in set(expected) - set(found))
+    unexpected = sorted(name(k) for k in set(found) - set(expected))
+    wrong = sorted(f"{name(k)}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+                   for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
     if missing or unexpected or wrong:
         def show(items: list[str]) -> str:
             return ", ".join(items[:20]) + (f" ... ({len(items)} in all)" if len(items) > 20 else "")
@@ -100,6 +122,14 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                  f"{len(wrong)} with other shapes: {show(wrong)}" if wrong else ""]
         raise GalenCheckpointError(f"{source} does not fit this model config — " + "; ".join(p for p in parts if p)
                                    + f". {hint}")
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                      names: Callable[[str], str] | None = None,
+                      hint: str = "Is config.json the one saved with these weights?") -> None:
+    """load_state_dict(strict) with every shape checked first and all problems listed in one message."""
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in state.items()}, source, names, hint)
     model.load_state_dict(dict(state), strict=True)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from galen.model.errors import GalenCheckpointError, GalenConfigError, GalenInputError
+from galen.model.errors import GalenCheckpointError, GalenConfigError, GalenError, GalenInputError
 
 if TYPE_CHECKING:  # open_clip is imported lazily at run time (and ships no type hints: these are Any to mypy)
     from open_clip import CLIP, CustomTextCLIP
@@ -308,15 +309,20 @@ class ClipModel:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ClipModel:
-        """Load a Galen-saved or an official open_clip/BiomedCLIP folder, offline."""
+        """Load a Galen-saved or an official open_clip/BiomedCLIP folder, offline. The folder is untrusted:
+        its config is checked (numbers in range, the model built on the meta device and its parameters
+        counted against the limit) and the weights file's tensor shapes against that model, all before
+        the real model is allocated."""
         folder = Path(folder)
         spec = read_spec(folder)
         weights = next((folder / n for n in (WEIGHTS_FILE, *OFFICIAL_WEIGHTS) if (folder / n).is_file()), None)
         if weights is None:
             raise GalenCheckpointError(f"{folder} has no weights ({', '.join((WEIGHTS_FILE, *OFFICIAL_WEIGHTS))}); "
                                        "copy the weights file next to open_clip_config.json")
+        expected = {k: tuple(v.shape) for k, v in build_clip_checked(spec, folder / CONFIG_FILE).state_dict().items()}
+        state = read_state_dict(weights, expected)
         clip = build_clip(spec)
-        load_weights(clip, weights)
+        load_weights(clip, weights, state)
         if spec.tokenizer == "galen":
             from galen.model.vocabulary import GalenTokenizer
 
@@ -388,6 +394,83 @@ def _text_vocab_size(clip: torch.nn.Module) -> int | None:
     return None if emb is None else int(emb.weight.shape[0])
 
 
+# Bounds on the numbers of an untrusted open_clip config (checked before anything is built from it): any
+# integer, and the depth of a tower, which building loops over. The parameter count is then checked on
+# a model built on the meta device (model.config's limit, ~4.3x `huge`; BiomedCLIP has 196M).
+MAX_CONFIG_INT = 1 << 24
+MAX_TOWER_LAYERS = 256
+
+
+def _config_numbers(value: Any, where: str, problems: list[str], depth: int = 0) -> None:
+    if depth > 16:
+        problems.append(f"{where} is nested too deeply")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _config_numbers(v, f"{where}.{k}", problems, depth + 1)
+    elif isinstance(value, list):
+        for k, v in enumerate(value[:64]):
+            _config_numbers(v, f"{where}[{k}]", problems, depth + 1)
+        if len(value) > 64:
+            problems.append(f"{where} has {len(value)} entries")
+    elif isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    elif isinstance(value, int):
+        layers = "layer" in where.rsplit(".", 1)[-1].split("[")[0]
+        hi = MAX_TOWER_LAYERS if layers else MAX_CONFIG_INT
+        if not -1 <= value <= hi:
+            problems.append(f"{where}={value} is outside [-1, {hi:,}]")
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_CONFIG_INT:
+            problems.append(f"{where}={value} is not a finite number of sensible size")
+    else:
+        problems.append(f"{where} has a {type(value).__name__}")
+
+
+def check_spec(spec: ClipSpec, source: str | Path) -> None:
+    """GalenCheckpointError unless the config's values have sane types and sizes (see MAX_CONFIG_INT)."""
+    problems: list[str] = []
+    if not isinstance(spec.model_cfg.get("embed_dim"), int) or isinstance(spec.model_cfg["embed_dim"], bool) \
+            or not 1 <= spec.model_cfg["embed_dim"] <= 1 << 16:
+        problems.append(f"model_cfg.embed_dim must be an integer in [1, 65,536], got "
+                        f"{str(spec.model_cfg.get('embed_dim'))[:40]!r}")
+    for tower in ("vision_cfg", "text_cfg"):
+        if not isinstance(spec.model_cfg.get(tower), dict):
+            problems.append(f"model_cfg.{tower} must be an object")
+    _config_numbers(spec.model_cfg, "model_cfg", problems)
+    if spec.hf_text_config is not None:
+        _config_numbers(spec.hf_text_config, "text encoder config", problems)
+    for name, values in (("mean", spec.mean), ("std", spec.std)):
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255
+                                       for v in values) or (name == "std" and min(values) <= 0):
+            problems.append(f"preprocess_cfg.{name} must be three numbers{' > 0' if name == 'std' else ''}, got "
+                            f"{str(list(values))[:60]}")
+    if problems:
+        raise GalenCheckpointError(f"{source} is not a usable CLIP config: " + "; ".join(problems[:10])
+                                   + (f" ... ({len(problems)} problems)" if len(problems) > 10 else ""))
+
+
+def build_clip_checked(spec: ClipSpec, source: str | Path) -> torch.nn.Module:
+    """The model of an untrusted spec built on the meta device (nothing allocated), after `check_spec`,
+    with its parameter count checked against the limit; GalenCheckpointError when it cannot be built."""
+    from galen.model.config import MAX_PARAMETERS_ENV, max_parameters
+
+    check_spec(spec, source)
+    try:
+        with torch.device("meta"):
+            skeleton = build_clip(spec)
+    except GalenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - open_clip/timm/transformers refusing the config, whatever they raise
+        said = " ".join(str(e).split())[:200]
+        raise GalenCheckpointError(f"{source} describes a model open_clip cannot build ({type(e).__name__}: "
+                                   f"{said}); copy the config from the model's release") from e
+    n, limit = sum(p.numel() for p in skeleton.parameters()), max_parameters()
+    if n > limit:
+        raise GalenConfigError(f"{source} describes a model of {n:,} parameters, over the limit of {limit:,}; it is "
+                               f"refused before anything is allocated (raise {MAX_PARAMETERS_ENV} if you mean it)")
+    return skeleton
+
+
 def read_spec(folder: Path) -> ClipSpec:
     """The spec of a model folder (Galen-written or an official open_clip release)."""
     from galen.model.errors import read_json
@@ -403,8 +486,15 @@ def read_spec(folder: Path) -> ClipSpec:
     model_cfg = data.get("model_cfg")
     if not isinstance(model_cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
         raise GalenCheckpointError(f"{path} has no model_cfg with embed_dim, vision_cfg and text_cfg; {hint}")
+    if not isinstance(model_cfg["vision_cfg"], dict) or not isinstance(model_cfg["text_cfg"], dict):
+        raise GalenCheckpointError(f"{path}: model_cfg.vision_cfg and model_cfg.text_cfg must be objects; {hint}")
+    if model_cfg["vision_cfg"].get("timm_model_pretrained"):  # the weights come from this folder, never a download
+        model_cfg["vision_cfg"]["timm_model_pretrained"] = False
     pre = data.get("preprocess_cfg") or {}
     galen = data.get("galen") or {}
+    if not isinstance(pre, dict) or not isinstance(galen, dict) or not all(
+            isinstance(pre.get(k, []), list) for k in ("mean", "std")):
+        raise GalenCheckpointError(f"{path}: preprocess_cfg (mean, std lists) and galen must be objects; {hint}")
     hf = bool(model_cfg["text_cfg"].get("hf_model_name"))
     hf_config = None
     if hf:
@@ -430,41 +520,74 @@ def load_file_state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights of a file: safetensors, or a torch file through the weights-only unpickler."""
-    state: Any  # whatever the file holds; checked below
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def read_state_dict(path: Path, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Weights of a file: safetensors, or a torch file (zip checked, weights-only unpickler, memory-mapped:
+    model.torch_files). With `expected` (name -> shape of the model they must fit), the shapes the file
+    declares are checked before its tensors are read."""
+    from galen.model.torch_files import read_torch_file
 
+    state: Any  # whatever the file holds; checked below
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from galen.model.checkpoint import safetensors_shapes
+
+        try:
+            declared = safetensors_shapes(path)
+        except GalenCheckpointError as e:
+            raise GalenCheckpointError(f"{path} cannot be read as weights ({e.__cause__ or e}); re-download it") from e
+        if expected is not None:
+            _check_fit(expected, _unwrapped(declared), path)
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unreadable weights, whatever the reason
-        raise GalenCheckpointError(f"{path} cannot be read as weights ({type(e).__name__}: {e}); re-download it "
-                                   "(torch files are read with weights_only=True: no code runs)") from e
+        except (SafetensorError, OSError) as e:
+            raise GalenCheckpointError(f"{path} cannot be read as weights ({e}); re-download it") from e
+    else:
+        try:
+            state = read_torch_file(path, what="weights")
+        except GalenCheckpointError as e:
+            raise GalenCheckpointError(f"{path} cannot be read as weights: {e}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise GalenCheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GalenCheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    state = _unwrapped(state)
+    if expected is not None:
+        _check_fit(expected, {k: tuple(v.shape) for k, v in state.items()}, path)
+    return state
 
 
-def load_weights(clip: torch.nn.Module, path: Path) -> None:
-    """Load strictly; every missing, unexpected or mis-shaped tensor is named in one error."""
-    state = read_state_dict(path)
-    state.pop("text.transformer.embeddings.position_ids", None)  # a buffer older transformers saved
-    own = clip.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)
-              and not (k.startswith("logit_") and state[k].numel() == v.numel())]  # scalar vs [1]
+def _unwrapped(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys without DataParallel's `module.` prefix, and without the position_ids buffer older
+    transformers saved."""
+    out = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    out.pop("text.transformer.embeddings.position_ids", None)
+    return out
+
+
+def _check_fit(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], path: Path) -> None:
+    """Every tensor of the model in the file with its shape and nothing else; all problems in one error."""
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
+    shapes = [f"{k} {tuple(found[k])} vs {tuple(v)}" for k, v in own.items()
+              if k in found and tuple(found[k]) != tuple(v)
+              and not (k.startswith("logit_") and math.prod(found[k]) == math.prod(v))]  # scalar vs [1]
     if missing or unexpected or shapes:
         parts = [f"missing {missing[:8]}" if missing else "", f"unexpected {unexpected[:8]}" if unexpected else "",
                  f"shape mismatches (file vs config) {shapes[:8]}" if shapes else ""]
         raise GalenCheckpointError(f"{path} does not fit {CONFIG_FILE} ({'; '.join(p for p in parts if p)}); the "
                                    "config and the weights must come from the same model")
+
+
+def load_weights(clip: torch.nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load strictly; every missing, unexpected or mis-shaped tensor is named in one error. `state`: the
+    file's tensors when already read (and checked) by `read_state_dict`."""
+    own = clip.state_dict()
+    if state is None:
+        state = read_state_dict(path, {k: tuple(v.shape) for k, v in own.items()})
+    else:
+        _check_fit({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()}, path)
     for k in ("logit_scale", "logit_bias"):
         if k in state:
             state[k] = state[k].reshape(own[k].shape)

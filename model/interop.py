@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
+import math
 import re
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from galen.model.checkpoint import load_state_strict
+from galen.model.checkpoint import check_shapes, load_state_strict, model_shapes, safetensors_shapes
 from galen.model.config import REFERENCE_PARAMS, SIZES, GalenConfig
-from galen.model.errors import GalenCheckpointError
+from galen.model.errors import GalenCheckpointError, GalenConfigError, read_json
 from galen.model.positions import code_position_ids, image_relative_buckets, token_relative_buckets
+from galen.model.torch_files import read_torch_file as _read_untrusted_torch_file
 
 if TYPE_CHECKING:  # for annotations only; the runtime import stays local, as in import_reference
     from galen.model.generalist import GalenModel
@@ -111,31 +111,77 @@ def _allowed_globals() -> list[Any]:
 
 
 def read_torch_file(path: str | Path) -> Any:
-    """torch.load with the weights-only unpickler plus fairseq's config classes; never runs code."""
-    path = Path(path)
-    if not path.is_file():
-        raise GalenCheckpointError(f"checkpoint file {path} not found")
-    allowed = _allowed_globals()
+    """torch.load with the weights-only unpickler plus fairseq's config classes; never runs code, and the
+    zip is checked first (no compressed records, no legacy format: see model.torch_files)."""
+    return _read_untrusted_torch_file(path, _allowed_globals())
+
+
+_NODE_REFERENCE = re.compile(r"^\$\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\}$")
+
+
+META_ENTRIES = 100_000  # a fairseq config has a few hundred; a bigger (or DAG-shaped) one is refused
+
+
+def plain_meta(obj: Any) -> Any:
+    """A checkpoint's config (argparse.Namespace or omegaconf containers) as plain dicts and lists,
+    **never resolved**: omegaconf resolvers such as `${oc.env:VAR}` would read this machine's
+    environment on behalf of an untrusted file, so they stay the literal strings they are. Only plain
+    references to other config values (`${task.patch_image_size}`) are followed, inside the file. At
+    most META_ENTRIES entries are visited (a pickle can share one list many times over)."""
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        DictConfig = ListConfig = OmegaConf = None  # type: ignore[assignment,misc]  # noqa: N806
+    left = [META_ENTRIES]
+
+    def items(container: Any) -> list[tuple[Any, Any]]:
         try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # noqa: BLE001 - unreadable in another way: fall through to the generic message
-            names = []
-        allowed_names = {f"{g.__module__}.{g.__qualname__}" for g in allowed if hasattr(g, "__qualname__")}
-        extra = [n for n in names if n not in allowed_names]
-        if extra:
-            raise GalenCheckpointError(
-                f"{path} refused: unpickling it would import {', '.join(extra)}, which could run arbitrary code. "
-                "Galen only allows the config classes fairseq pickles (argparse.Namespace, omegaconf containers). "
-                "If you trust the file, re-save its state dict with plain tensors and import that.") from e
-        raise GalenCheckpointError(f"{path} cannot be read ({str(e).splitlines()[-1][:200]}); the file is truncated "
-                                   "or corrupt — download it again") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise GalenCheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]}); "
-                                   "the file is truncated or corrupt — download it again") from e
+            if OmegaConf.is_interpolation(container) or container._is_none() or container._is_missing():
+                return []
+            if isinstance(container, DictConfig):
+                return list(container.items_ex(resolve=False))
+            return list(enumerate(container._iter_ex(resolve=False)))
+        except Exception as e:  # noqa: BLE001 - a malformed container from an untrusted file
+            raise GalenCheckpointError(f"the checkpoint's omegaconf config cannot be read ({type(e).__name__})") \
+                from e
+
+    def plain(value: Any, depth: int = 0) -> Any:
+        left[0] -= 1
+        if left[0] < 0 or depth > 64:
+            raise GalenCheckpointError(f"the checkpoint's config has over {META_ENTRIES:,} entries or 64 levels; "
+                                       "it is not a fairseq/OFA config")
+        if DictConfig is not None and isinstance(value, DictConfig):
+            return {str(k): plain(v, depth + 1) for k, v in items(value)}
+        if ListConfig is not None and isinstance(value, ListConfig):
+            return [plain(v, depth + 1) for _, v in items(value)]
+        if isinstance(value, argparse.Namespace):
+            value = vars(value)
+        if isinstance(value, Mapping):
+            return {str(k): plain(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v, depth + 1) for v in value]
+        return value
+
+    root = plain(obj)
+
+    def follow(value: Any, depth: int = 0) -> Any:
+        if isinstance(value, dict):
+            return {k: follow(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [follow(v) for v in value]
+        m = _NODE_REFERENCE.match(value) if isinstance(value, str) else None
+        if m is None or depth > 16 or not isinstance(root, dict):
+            return value
+        node: Any = root
+        for part in m.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                return value  # a dangling reference stays the literal text
+            node = node[part]
+        if isinstance(node, (dict, list)):
+            return value  # only values are followed: a container would copy (and could multiply) the tree
+        return follow(node, depth + 1)
+
+    return follow(root)
 
 
 def _state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
@@ -145,7 +191,7 @@ def _state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
 
 
 # -- architecture inference ------------------------------------------------------------------------------
-def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+def _count(state: Mapping[str, Any], pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in state if (m := rx.match(k))})
 
@@ -160,54 +206,99 @@ def _meta_value(meta: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def infer_config(hf_state: Mapping[str, torch.Tensor], meta: Any) -> GalenConfig:
-    """GalenConfig from the tensors' shapes (structure) and the checkpoint's own config (flags)."""
+# tensors whose shapes give the architecture: name -> number of dimensions
+_SHAPE_KEYS = {"encoder.embed_tokens.weight": 2, "encoder.token_rel_pos_table_list.0.weight": 2,
+               "encoder.image_rel_pos_table_list.0.weight": 2, "encoder.layers.0.fc1.weight": 2,
+               "encoder.embed_positions.weight": 2}
+
+
+def _shape(hf_state: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """The shape of a tensor, or the shape itself when given shapes (a safetensors header)."""
+    value = hf_state[key]
+    return tuple(int(n) for n in (value.shape if isinstance(value, torch.Tensor) else value))
+
+
+def _meta_typed(meta: Any, name: str, default: Any, kind: type) -> Any:
+    """A field of the checkpoint's own config as `kind` (int, float, bool), or GalenCheckpointError
+    naming the field and showing the value as the file holds it (never resolved)."""
+    value = _meta_value(meta, name, default=default)
+    if kind is bool:
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+    elif not isinstance(value, bool):
+        try:
+            number = kind(value)
+            if kind is int or math.isfinite(number):
+                return number
+        except (TypeError, ValueError, OverflowError):
+            pass
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise GalenCheckpointError(f"the checkpoint's config field {name} is {shown}, not "
+                               f"{'true/false' if kind is bool else 'an integer' if kind is int else 'a number'}; "
+                               "the file's config is damaged or not a BiomedGPT/OFA one")
+
+
+def infer_config(hf_state: Mapping[str, torch.Tensor] | Mapping[str, tuple[int, ...]], meta: Any) -> GalenConfig:
+    """GalenConfig from the tensors' shapes (structure) and the checkpoint's own config (flags).
+    The result is validated like any config (types, ranges, parameter limit) before anything is built."""
     missing = [k for k in SIGNATURE_KEYS if k not in hf_state]
     if missing:
         sample = ", ".join(sorted(hf_state)[:6])
         raise GalenCheckpointError(f"this is not a BiomedGPT/OFA generalist checkpoint: it lacks {', '.join(missing)} "
                                    f"(its keys look like: {sample} ...). Galen imports OFA-architecture models only.")
-    vocab, d_model = hf_state["encoder.embed_tokens.weight"].shape
-    heads = hf_state["encoder.token_rel_pos_table_list.0.weight"].shape[1]
+    absent = [k for k in _SHAPE_KEYS if k not in hf_state]
+    bad = [f"{k} {_shape(hf_state, k)}" for k, ndim in _SHAPE_KEYS.items()
+           if k in hf_state and (len(_shape(hf_state, k)) != ndim or min(_shape(hf_state, k)) < 1)]
+    if absent or bad:
+        raise GalenCheckpointError("the checkpoint's architecture cannot be read from its tensors: "
+                                   + "; ".join(([f"it lacks {', '.join(absent)}"] if absent else [])
+                                               + ([f"unexpected shapes {', '.join(bad)}"] if bad else [])))
+    vocab, d_model = _shape(hf_state, "encoder.embed_tokens.weight")
+    heads = _shape(hf_state, "encoder.token_rel_pos_table_list.0.weight")[1]
     depths = tuple(_count(hf_state, rf"^encoder\.embed_images\.layer{i}\.(\d+)\.") for i in (1, 2, 3))
-    token_buckets = (hf_state["encoder.token_rel_pos_table_list.0.weight"].shape[0] + 1) // 2
-    image_distances = hf_state["encoder.image_rel_pos_table_list.0.weight"].shape[0]
-    image_grid = int(round(((image_distances - 3) ** 0.5 + 1) / 2))
+    token_buckets = (_shape(hf_state, "encoder.token_rel_pos_table_list.0.weight")[0] + 1) // 2
+    image_distances = _shape(hf_state, "encoder.image_rel_pos_table_list.0.weight")[0]
+    image_grid = int(round((max(image_distances - 3, 0) ** 0.5 + 1) / 2))
     scale_attn = "encoder.layers.0.self_attn_mid_layer_norm.weight" in hf_state
     scale_fc = "encoder.layers.0.ffn_layer_norm.weight" in hf_state
     if scale_attn != scale_fc:
         raise GalenCheckpointError("the checkpoint has NormFormer norms after attention but not in the FFN (or the "
                                    "reverse); Galen's `normformer` switch covers both together")
     disable_entangle = _meta_value(meta, "disable_entangle", default=None)
-    if _meta_value(meta, "sync_bn", default=False):
+    if _meta_typed(meta, "sync_bn", False, bool):
         raise GalenCheckpointError("the checkpoint was trained with --sync-bn, whose BatchNorm layers use eps 1e-3; "
                                    "Galen's backbone uses the standard 1e-5 and would compute something else")
     fields: dict[str, Any] = dict(
         vocab_size=int(vocab), d_model=int(d_model), attention_heads=int(heads),
         encoder_layers=_count(hf_state, r"^encoder\.layers\.(\d+)\."),
         decoder_layers=_count(hf_state, r"^decoder\.layers\.(\d+)\."),
-        ffn_dim=int(hf_state["encoder.layers.0.fc1.weight"].shape[0]), resnet_depths=depths,
-        max_positions=int(hf_state["encoder.embed_positions.weight"].shape[0]) - 2,
+        ffn_dim=_shape(hf_state, "encoder.layers.0.fc1.weight")[0], resnet_depths=depths,
+        max_positions=_shape(hf_state, "encoder.embed_positions.weight")[0] - 2,
         token_bucket_size=int(token_buckets), image_bucket_size=image_grid,
         normformer=scale_attn, head_scale="encoder.layers.0.self_attn.c_attn" in hf_state,
         code_layernorm_embedding="decoder.code_layernorm_embedding.weight" in hf_state,
-        attn_scale_factor=float(_meta_value(meta, "attn_scale_factor", default=2.0)),
-        code_image_size=int(_meta_value(meta, "code_image_size", default=128)),
-        image_size=int(_meta_value(meta, "patch_image_size", default=256)),  # e.g. 384 for base VQA fine-tunes
-        dropout=float(_meta_value(meta, "dropout", default=0.1)),
-        attention_dropout=float(_meta_value(meta, "attention_dropout", default=0.0)),
-        activation_dropout=float(_meta_value(meta, "activation_dropout", default=0.0)),
-        encoder_drop_path_rate=float(_meta_value(meta, "encoder_drop_path_rate", default=0.0)),
-        decoder_drop_path_rate=float(_meta_value(meta, "decoder_drop_path_rate", default=0.0)),
-        resnet_drop_path_rate=float(_meta_value(meta, "resnet_drop_path_rate", default=0.0)),
-        encoder_entangle_positions=bool(_meta_value(meta, "entangle_position_embedding", default=False)),
+        attn_scale_factor=_meta_typed(meta, "attn_scale_factor", 2.0, float),
+        code_image_size=_meta_typed(meta, "code_image_size", 128, int),
+        image_size=_meta_typed(meta, "patch_image_size", 256, int),  # e.g. 384 for base VQA fine-tunes
+        dropout=_meta_typed(meta, "dropout", 0.1, float),
+        attention_dropout=_meta_typed(meta, "attention_dropout", 0.0, float),
+        activation_dropout=_meta_typed(meta, "activation_dropout", 0.0, float),
+        encoder_drop_path_rate=_meta_typed(meta, "encoder_drop_path_rate", 0.0, float),
+        decoder_drop_path_rate=_meta_typed(meta, "decoder_drop_path_rate", 0.0, float),
+        resnet_drop_path_rate=_meta_typed(meta, "resnet_drop_path_rate", 0.0, float),
+        encoder_entangle_positions=_meta_typed(meta, "entangle_position_embedding", False, bool),
         # fairseq's decoder adds positions unless --disable-entangle; the HF port never does
-        decoder_entangle_positions=False if disable_entangle is None else not bool(disable_entangle),
-        freeze_batchnorm=bool(_meta_value(meta, "freeze_resnet", default=False)),
-        pad_id=int(_meta_value(meta, "pad_token_id", default=1)),
+        decoder_entangle_positions=(False if disable_entangle is None
+                                    else not _meta_typed(meta, "disable_entangle", None, bool)),
+        freeze_batchnorm=_meta_typed(meta, "freeze_resnet", False, bool),
+        pad_id=_meta_typed(meta, "pad_token_id", 1, int),
     )
     fields["name"] = _size_name(fields)
-    return GalenConfig(**fields)
+    try:
+        return GalenConfig(**fields)
+    except GalenConfigError as e:
+        raise GalenConfigError(f"the checkpoint's tensors and config describe a model Galen will not build: {e}") \
+            from e
 
 
 def _size_name(fields: Mapping[str, Any]) -> str:
@@ -293,9 +384,11 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
         if not isinstance(ckpt, Mapping) or "model" not in ckpt:
             raise GalenCheckpointError(f"{path} is not a fairseq checkpoint (no 'model' entry); for a transformers "
                                        "folder use --from hf")
-        meta = ckpt.get("args") or _meta_value(ckpt.get("cfg"), "model")
+        # plain containers, never resolved: the file's omegaconf interpolations must not read our environment
+        meta = plain_meta(ckpt.get("args")) or _meta_value(plain_meta(ckpt.get("cfg")), "model")
         if use_ema:
-            ema = (ckpt.get("extra_state") or {}).get("ema")
+            extra_state = ckpt.get("extra_state") or {}
+            ema = extra_state.get("ema") if isinstance(extra_state, Mapping) else None
             if ema is None:
                 raise GalenCheckpointError(f"{path} holds no EMA weights (extra_state.ema); import without --ema")
             raw = _state_dict(ema, f"{path} extra_state.ema")
@@ -312,12 +405,21 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
         config_path = path / "config.json"
         if not config_path.is_file():
             raise GalenCheckpointError(f"{path} has no config.json; copy the whole model folder")
-        meta = json.loads(config_path.read_text())
+        meta = read_json(config_path, dict, "copy config.json from the model's release", GalenCheckpointError)
         if meta.get("model_type") not in (None, "ofa"):
-            raise GalenCheckpointError(f"{path} holds a {meta.get('model_type')!r} model, not OFA/BiomedGPT")
+            raise GalenCheckpointError(f"{path} holds a {str(meta.get('model_type'))[:80]!r} model, not OFA/BiomedGPT")
         if (path / "model.safetensors").is_file():
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
-            hf_state = load_file(str(path / "model.safetensors"))
+
+            weights = path / "model.safetensors"
+            # the architecture from the header's shapes, validated before any tensor is read
+            infer_config(safetensors_shapes(weights), meta)
+            try:
+                hf_state = load_file(str(weights))
+            except (SafetensorError, OSError) as e:
+                raise GalenCheckpointError(f"{weights} cannot be read as safetensors ({e}); the file is truncated "
+                                           "or corrupt — copy it again from its source") from e
         elif (path / "pytorch_model.bin").is_file():
             hf_state = _state_dict(read_torch_file(path / "pytorch_model.bin"), f"{path}/pytorch_model.bin")
         else:
@@ -326,14 +428,18 @@ def import_reference(path: str | Path, layout: str, use_ema: bool = False) -> Im
     else:
         raise GalenCheckpointError(f"unknown layout {layout!r}; use 'fairseq' or 'hf'")
 
-    cfg = infer_config(hf_state, meta)
+    cfg = infer_config(hf_state, meta)  # validated: types, ranges, parameter limit
     _check_buffers(hf_state, cfg)
     _untie(hf_state)
     _frozen_batchnorm_counters(hf_state, cfg)
+    state = to_galen_state(hf_state)
+    names = reference_key_name(layout, file_names)
+    hint = (f"Keys are named as in the {layout} checkpoint; the file's layout differs from the OFA/BiomedGPT one "
+            "(or from the architecture its other tensors imply).")
+    # every tensor's declared shape against the config before the model is allocated
+    check_shapes(model_shapes(cfg), {k: tuple(v.shape) for k, v in state.items()}, str(path), names, hint)
     model = GalenModel(cfg)
-    load_state_strict(model, to_galen_state(hf_state), source=str(path), names=reference_key_name(layout, file_names),
-                      hint=f"Keys are named as in the {layout} checkpoint; the file's layout differs from the "
-                           "OFA/BiomedGPT one (or from the architecture its other tensors imply).")
+    load_state_strict(model, state, source=str(path), names=names, hint=hint)
     return ImportedCheckpoint(model.eval(), layout, str(path), use_ema, meta)
 
 

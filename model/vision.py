@@ -11,6 +11,7 @@ import base64
 import binascii
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -129,6 +130,9 @@ def preprocess_images(images: Sequence[Image.Image | np.ndarray], size: int,
 # looks exactly like the same scan seen in training.
 
 MAX_IMAGE_PIXELS = 40_000_000          # params.yaml validate.max_image_pixels: bigger is not a medical image we take
+# An image file read from disk (`galen generate --image`, `galen clip embed --image`): at most this many
+# bytes are read. 40M pixels of 16-bit RGB stored uncompressed (TIFF, DICOM) take 240 MB.
+MAX_IMAGE_FILE_BYTES = 256 * 1024 * 1024
 DICOM_PREAMBLE = b"DICM"              # bytes 128..131 of a DICOM Part 10 file
 
 _LIBJPEG = "`pip install pylibjpeg pylibjpeg-libjpeg` (or `pip install python-gdcm`)"
@@ -288,17 +292,56 @@ def load_image(image: Image.Image | np.ndarray | bytes, max_pixels: int = MAX_IM
         raise GalenInputError("the image is empty (0 bytes)")
     if is_dicom(image):
         return Image.fromarray(decode_dicom(image, max_pixels))
+    import warnings
+
     try:
-        img = Image.open(io.BytesIO(image))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise GalenInputError(f"the image bytes cannot be decoded ({type(e).__name__}: {e}); send PNG, JPEG or "
-                              "DICOM") from e
+        with warnings.catch_warnings():  # Pillow warns above its own limit; ours (below) is lower and says why
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(image))
+    except Image.DecompressionBombError as e:
+        raise GalenInputError(f"the image is over the limit of {max_pixels:,} pixels ({e}); downscale it before "
+                              "sending") from e
+    except Image.UnidentifiedImageError as e:
+        raise GalenInputError(f"the image bytes cannot be decoded: these {len(image):,} bytes are not in an image "
+                              "format Galen reads (PNG, JPEG, TIFF, BMP, ... or DICOM)") from e
+    except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many kinds; all mean unreadable bytes
+        raise GalenInputError(f"the image bytes cannot be decoded ({type(e).__name__}: {_said(e)}); send PNG, "
+                              "JPEG or DICOM") from e
     _check_pixels(img.width, img.height, max_pixels, "the image")
     try:
-        img.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise GalenInputError(f"the image bytes are truncated or corrupt ({type(e).__name__}: {e})") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as e:  # noqa: BLE001 - a decoder failing on broken data, whatever it raises
+        raise GalenInputError(f"the image bytes are truncated or corrupt ({type(e).__name__}: {_said(e)})") from e
     return img
+
+
+def _said(error: Exception) -> str:
+    return " ".join(str(error).split())[:200] or "no detail"
+
+
+def read_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
+                    max_bytes: int = MAX_IMAGE_FILE_BYTES) -> Image.Image:
+    """An image file from disk, decoded as `load_image` decodes request bytes (size limits checked
+    before the pixels are decoded); every problem is a GalenInputError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise GalenInputError(f"image file {path} not found")
+    if not path.is_file():
+        raise GalenInputError(f"image {path} is not a file; pass an image file (PNG, JPEG, DICOM, ...)")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise GalenInputError(f"image file {path} is {size:,} bytes, over the limit of {max_bytes:,}; downscale "
+                              "or compress it first")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GalenInputError(f"image file {path} cannot be read ({e.strerror or e})") from e
+    try:
+        return load_image(data, max_pixels)
+    except GalenInputError as e:
+        raise GalenInputError(f"image file {path}: {e}") from e
 
 
 class ImageDecodeError(GalenInputError):

@@ -67,20 +67,33 @@ def all_formats() -> list[Format]:
     return [get_format(n) for n in sorted(FORMAT_MODULES)]
 
 
+INGEST_JSON = "ingest.json"  # the counts of an ingested folder, and the mark that `galen ingest` wrote it
+INGEST_FILES = (INGEST_JSON, "part-*.parquet")  # everything `ingest()` writes into its folder
+
+
 def ingest(fmt: str, source: str | Path, out_dir: str | Path, rows_per_shard: int = 2048, **options) -> dict:
-    """Run one adapter and write its records as Parquet shards; returns counts per task/split."""
+    """Run one adapter and write its records as Parquet shards and `ingest.json` (the returned counts
+    per task/split). The folder is written whole (`galen.flows.outputs.replacing_output`): a used one
+    is replaced, never added to, and one holding anything else is refused."""
+    import json
     from collections import Counter
 
     from galen.flows.ingest.schema import ShardWriter
+    from galen.flows.outputs import replacing_output
 
     source = Path(source)
     if not source.exists():
         raise GalenInputError(f"source {source} does not exist; point --source at the dataset's folder or file")
+    reader = get_format(fmt).read
     counts: Counter = Counter()
     problems = 0
-    with ShardWriter(out_dir, rows_per_shard) as writer:
-        for record in get_format(fmt).read(source, **options):
-            writer.write(record)
-            counts[f"{record.task}/{record.split}"] += 1
-            problems += record.problem is not None
-    return {"format": fmt, "records": sum(counts.values()), "with_problems": problems, "by_task_split": dict(counts)}
+    with replacing_output(out_dir, command="galen ingest", inputs=[source], owned=INGEST_FILES) as tmp:
+        with ShardWriter(tmp, rows_per_shard) as writer:
+            for record in reader(source, **options):
+                writer.write(record)
+                counts[f"{record.task}/{record.split}"] += 1
+                problems += record.problem is not None
+        result = {"format": fmt, "records": sum(counts.values()), "with_problems": problems,
+                  "by_task_split": dict(counts)}
+        (tmp / INGEST_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    return result

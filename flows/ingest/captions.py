@@ -10,7 +10,10 @@ policy) is still written with a problem so validation can quarantine it.
 WebDataset decision: every shard is checked (headers walked, end-of-archive marker required) before
 any sample is yielded, so a truncated or corrupt shard fails the whole ingest with an error naming the
 shard instead of silently writing a partial dataset. Python's `tarfile` alone treats a shard cut at a
-header as a clean end of archive, hence the explicit end-marker check.
+header as a clean end of archive, hence the explicit end-marker check. Memory stays bounded on any
+shard: a member whose declared size is over params.yaml `ingest.limits.max_member_bytes` is never read
+(its sample becomes a record whose problem says so), only the members a sample uses (image, .txt,
+.json) are read, and those by their declared size, counted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
+from galen.flows.ingest.limits import IngestLimits, resolve
 from galen.flows.ingest.paths import path_problem, read_inside
 from galen.flows.ingest.schema import SPLITS, Record, split_by_hash, text_value
 from galen.model.errors import GalenInputError
@@ -34,6 +38,8 @@ LICENSE_UNSPECIFIED = "unspecified: see the source dataset's own terms (pass lic
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+WDS_READ_EXTS = frozenset((*WDS_IMAGE_EXTS, "txt", "json"))  # the members a sample uses; others are only listed
+WDS_LISTED_MEMBERS = 64  # meta["members"] names at most this many members of one sample (then a count)
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _BLOCK = 512
 
@@ -228,7 +234,7 @@ def _key_ext(name: str) -> tuple[str, str]:
 
 
 def _sample_record(key: str, files: dict[str, bytes], problems: list[str], shard: Path, dataset: str, license: str,
-                   split: str | None) -> Record:
+                   split: str | None, exts: Iterable[str] | None = None) -> Record:
     image_ext = next((e for e in WDS_IMAGE_EXTS if e in files), None)
     problems = list(problems)
     if image_ext is None:
@@ -241,7 +247,10 @@ def _sample_record(key: str, files: dict[str, bytes], problems: list[str], shard
             problems.append(f"{key}.txt is not UTF-8")
     else:
         problems.append(f"no caption member {key}.txt")
-    meta: dict[str, Any] = {"shard": shard.name, "members": sorted(f"{key}.{e}" for e in files)}
+    members = sorted(f"{key}.{e}" for e in (files if exts is None else exts))
+    meta: dict[str, Any] = {"shard": shard.name, "members": members[:WDS_LISTED_MEMBERS]}
+    if len(members) > WDS_LISTED_MEMBERS:
+        meta["members_not_listed"] = len(members) - WDS_LISTED_MEMBERS
     if "json" in files:
         try:
             meta["json"] = json.loads(files["json"].decode("utf-8"))
@@ -251,11 +260,15 @@ def _sample_record(key: str, files: dict[str, bytes], problems: list[str], shard
                           files.get(image_ext) if image_ext else None, license, "; ".join(problems) or None, meta)
 
 
-def _read_shard(shard: Path, dataset: str, license: str, split: str | None) -> Iterator[Record]:
+def _read_shard(shard: Path, dataset: str, license: str, split: str | None,
+                limits: IngestLimits | None = None) -> Iterator[Record]:
     """Samples of one shard, read member by member into memory (nothing is ever extracted to disk)."""
+    limits = resolve(limits)
     key: str | None = None
     files: dict[str, bytes] = {}
+    exts: dict[str, None] = {}  # the extensions of this sample's members, in order (a set that keeps it)
     problems: list[str] = []
+    duplicates = 0
     try:
         with tarfile.open(shard, "r:*") as tar:
             while (member := tar.next()) is not None:
@@ -274,31 +287,52 @@ def _read_shard(shard: Path, dataset: str, license: str, split: str | None) -> I
                 member_key, ext = _key_ext(member.name)
                 if member_key != key:
                     if key is not None:
-                        yield _sample_record(key, files, problems, shard, dataset, license, split)
-                    key, files, problems = member_key, {}, []
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]  # regular file: never None
+                        yield _sample_record(key, files, _with_duplicates(problems, duplicates), shard, dataset,
+                                             license, split, exts)
+                    key, files, exts, problems, duplicates = member_key, {}, {}, [], 0
+                if ext in exts:
+                    duplicates += 1
+                    if duplicates == 1:
+                        problems.append(f"duplicate member {member.name}")
+                    continue
+                exts[ext] = None
+                if ext not in WDS_READ_EXTS:
+                    continue  # listed in meta, never read
+                if member.size > limits.max_member_bytes:  # the declared size, before a byte is read
+                    problems.append(limits.refusal(f"member {member.name} of {shard} declares a size that",
+                                                   member.size, "max_member_bytes") + "; not read")
+                    continue
+                stream = tar.extractfile(member)  # a regular file: never None
+                data = stream.read(member.size + 1)  # type: ignore[union-attr]  # counted: at most declared + 1
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} has {len(data)} of {member.size} bytes")
-                if ext in files:
-                    problems.append(f"duplicate member {member.name}")
-                else:
-                    files[ext] = data
+                files[ext] = data
             if key is not None:
-                yield _sample_record(key, files, problems, shard, dataset, license, split)
+                yield _sample_record(key, files, _with_duplicates(problems, duplicates), shard, dataset, license,
+                                     split, exts)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise GalenInputError(f"WebDataset shard {shard} became unreadable while reading ({e}); "
                               "re-download or rebuild it") from e
 
 
+def _with_duplicates(problems: list[str], duplicates: int) -> list[str]:
+    """The problems of a sample, the duplicate members counted in one reason (not one per member)."""
+    if duplicates <= 1:
+        return problems
+    return [f"{p} (and {duplicates - 1} more duplicates)" if p.startswith("duplicate member") else p
+            for p in problems]
+
+
 @register_format("webdataset", "WebDataset tar shards of key.jpg|key.png + key.txt caption [+ key.json]")
 def read_webdataset(source: Path, **options: Any) -> Iterator[Record]:
     """Caption samples of `*.tar` shards; `split=` for all of them, else a hash of the sample key."""
-    check_options("webdataset", options, {"dataset", "license", "split"})
+    check_options("webdataset", options, {"dataset", "license", "split", "limits"})
     dataset = str(options.get("dataset") or "webdataset")
     license = str(options.get("license") or LICENSE_UNSPECIFIED)
     split = split_option("webdataset", options.get("split"))
+    limits = resolve(options.get("limits"))
     shards = _shards(Path(source))
     for shard in shards:  # all shards checked first: a damaged one fails before anything is written
         _check_shard(shard)
     for shard in shards:
-        yield from _read_shard(shard, dataset, license, split)
+        yield from _read_shard(shard, dataset, license, split, limits)

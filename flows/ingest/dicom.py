@@ -22,17 +22,28 @@ message names the transfer syntax and the package to install). Files without a D
 without a `.dcm`/`.dicom` extension (READMEs, thumbnails) are not DICOM data: skipped and counted in
 an info log, as is a DICOMDIR index. A file of the folder that is a symlink resolving outside it is a
 record with a problem and is never opened (paths.py).
+
+Bounded memory (params.yaml `ingest.limits`, limits.py), checked before any pixel is allocated: the
+file's size and, for the Deflated Explicit VR Little Endian transfer syntax, the size its dataset
+inflates to (inflated in a stream and counted, since pydicom inflates a whole file in memory) stay
+within `max_dicom_bytes`; the header, read with `stop_before_pixels`, must declare at most
+`max_frames` frames of at most `max_image_pixels` pixels, and pixel data (Rows x Columns x
+SamplesPerPixel x NumberOfFrames x BitsAllocated / 8) within `max_dicom_bytes`. A file over a limit
+is one record whose problem names the file, its declared size, the limit and the key to raise.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator
+import math
+import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from galen.flows.ingest import register_format
+from galen.flows.ingest.limits import IngestLimits, resolve
 from galen.flows.ingest.paths import resolve_inside
 from galen.flows.ingest.schema import Record, encode_png, split_by_hash
 from galen.model.errors import GalenInputError
@@ -49,6 +60,8 @@ META_TAGS = ("Modality", "BodyPartExamined", "PhotometricInterpretation", "Rows"
              "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
              "BurnedInAnnotation")  # "YES" flags text burned into the pixels (may show identifiers): filter on it
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+INFLATE_CHUNK = 1 << 20
 
 def _pydicom() -> Any:
     """pydicom with its v3 `pydicom.pixels` API (frame-wise decoding, LUT functions)."""
@@ -90,12 +103,88 @@ def _lookup(table: dict[str, str], rel: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _open(path: Path, pydicom: Any) -> tuple[Any | None, str | None]:
-    """(dataset, None), (None, problem), or (None, None) for a file that is not DICOM data at all."""
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _inflated_problem(path: Path, rel: str, has_preamble: bool, limits: IngestLimits) -> str | None:
+    """For a deflated transfer syntax: why its dataset is too big to inflate, found by inflating it in
+    a stream and counting (pydicom would inflate it whole in memory); None when it fits or is not
+    deflated (a file pydicom cannot parse is left to pydicom to say why)."""
+    from pydicom import filereader
+
+    limit = limits.max_dicom_bytes
+    with path.open("rb") as fp:
+        try:  # the steps of pydicom's read_partial up to the deflated data
+            filereader.read_preamble(fp, not has_preamble)
+            meta = filereader._read_file_meta_info(fp)
+            if str(meta.get("TransferSyntaxUID") or "") != DEFLATED_TRANSFER_SYNTAX:
+                return None
+            filereader._read_command_set_elements(fp)
+        except Exception:  # noqa: BLE001 - not parseable here: the real read reports it
+            return None
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while (chunk := fp.read(INFLATE_CHUNK)) and not inflater.eof:
+                total += len(inflater.decompress(chunk, INFLATE_CHUNK))
+                while inflater.unconsumed_tail and total <= limit:
+                    total += len(inflater.decompress(inflater.unconsumed_tail, INFLATE_CHUNK))
+                if total > limit:
+                    return limits.refusal(f"{rel}: its deflated DICOM dataset inflates to a size that",
+                                          f"more than {limit:,} bytes (counted while inflating)",
+                                          "max_dicom_bytes") + "; not read"
+        except zlib.error:
+            return None  # corrupt deflate data: pydicom's read says so
+    return None
+
+
+def _header_problem(rel: str, ds: Any, limits: IngestLimits) -> str | None:
+    """Why the pixel data a header declares is too big to decode (frames, pixels per frame, bytes)."""
+    frames = _int(ds.get("NumberOfFrames") or 1)
+    if frames is not None and frames > limits.max_frames:
+        return limits.refusal(f"{rel}: NumberOfFrames", frames, "max_frames", "frames") + "; not decoded"
+    rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    if not rows or not columns or rows < 0 or columns < 0:
+        return None  # no image (or a broken header): the decoder says why
+    if rows * columns > limits.max_image_pixels:
+        return limits.refusal(f"{rel}: each frame ({columns}x{rows})", rows * columns, "max_image_pixels",
+                              "pixels") + "; not decoded"
+    samples = max(_int(ds.get("SamplesPerPixel")) or 1, 1)
+    bits = max(_int(ds.get("BitsAllocated")) or 8, 1)
+    declared = math.ceil(rows * columns * samples * max(frames or 1, 1) * bits / 8)
+    if declared > limits.max_dicom_bytes:
+        return limits.refusal(f"{rel}: the pixel data its header declares (Rows x Columns x SamplesPerPixel x "
+                              f"NumberOfFrames x BitsAllocated/8 = {rows}x{columns}x{samples}x{frames}x{bits}/8)",
+                              declared, "max_dicom_bytes") + "; not decoded"
+    return None
+
+
+def _open(path: Path, pydicom: Any, rel: str | None = None, limits: IngestLimits | None = None
+          ) -> tuple[Any | None, str | None]:
+    """(dataset, None), (None, problem), or (None, None) for a file that is not DICOM data at all.
+
+    The limits are checked before pydicom reads the file: its size, the inflated size of a deflated
+    one, then the header (read without the pixel data)."""
+    limits = resolve(limits)
+    rel = rel or path.name
     has_preamble = pydicom.misc.is_dicom(path)
     if not has_preamble and path.suffix.lower() not in DICOM_SUFFIXES:
         return None, None
+    size = path.stat().st_size
+    if size > limits.max_dicom_bytes:
+        return None, limits.refusal(f"{rel}: the file", size, "max_dicom_bytes") + "; not read"
+    too_big = _inflated_problem(path, rel, has_preamble, limits)
+    if too_big:
+        return None, too_big
     try:
+        header = pydicom.dcmread(path, force=not has_preamble, stop_before_pixels=True)
+        too_big = _header_problem(rel, header, limits)
+        if too_big:
+            return None, too_big
         ds = pydicom.dcmread(path, force=not has_preamble)
     except Exception as e:  # noqa: BLE001 - any parse failure is this file's problem, not the run's
         return None, f"not a readable DICOM file: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
@@ -133,8 +222,10 @@ def _meta(ds: Any) -> dict[str, Any]:
 
 @register_format("dicom", "DICOM folder (recursive): caption from a description tag, or labels.csv classification")
 def read(source: Path, task: str = "caption", caption_from: str = "SeriesDescription", frames: str = "middle",
-         labels: str | Path | None = None, license: str = DEFAULT_LICENSE, **_: object) -> Iterator[Record]:
+         labels: str | Path | None = None, license: str = DEFAULT_LICENSE,
+         limits: IngestLimits | Mapping[str, Any] | None = None, **_: object) -> Iterator[Record]:
     pydicom = _pydicom()
+    checked = resolve(limits)
     from pydicom.pixels import pixel_array
 
     source = Path(source)
@@ -160,7 +251,7 @@ def read(source: Path, task: str = "caption", caption_from: str = "SeriesDescrip
                 yield Record(split=split_by_hash(rel), source_id=rel, problem=refused, task=task, dataset="dicom",
                              license=license, candidates=candidates)
                 continue
-        ds, problem = _open(path, pydicom)
+        ds, problem = _open(path, pydicom, rel, checked)
         if ds is None and problem is None:
             ignored += 1
             continue
@@ -191,13 +282,12 @@ def read(source: Path, task: str = "caption", caption_from: str = "SeriesDescrip
             yield Record(split=split, source_id=rel, target=target, meta=meta,
                          problem=f"DICOM file has no pixel data ({kind}; e.g. a report or plan)", **base)
             continue
-        try:
-            n_frames = int(ds.get("NumberOfFrames") or 1)
-        except (TypeError, ValueError):
+        n_frames = _int(ds.get("NumberOfFrames") or 1)
+        if n_frames is None or n_frames < 1:
             yield Record(split=split, source_id=rel, target=target, meta=meta,
                          problem=f"invalid NumberOfFrames {ds.get('NumberOfFrames')!r}", **base)
             continue
-        indices = [n_frames // 2] if frames == "middle" else list(range(n_frames))
+        indices = [n_frames // 2] if frames == "middle" else range(n_frames)  # n_frames <= max_frames (_open)
         for index in indices:
             source_id = f"{rel}#frame={index}" if frames == "all" and n_frames > 1 else rel
             try:

@@ -5,7 +5,10 @@ check out, so `dest` is either absent or complete and verified; an interrupted d
 `.part` file and the next run resumes it (HTTP Range; `file://` seeks). A finished `dest` whose
 checksum matches is not fetched again, so the step is re-runnable. `extract` refuses any archive
 member that would land outside the destination (`..`, absolute paths, drive letters, symlinks,
-hard links, devices) before writing anything.
+hard links, devices) before writing anything, and any member whose size is over
+`ingest.limits.max_member_bytes` (or an archive of more than `max_members` members): the declared
+size is checked first and the bytes are counted while they are copied, so a decompression bomb stops
+at the limit (limits.py).
 
 `PUBLIC_DATASETS` lists where each public dataset comes from. A checksum is given only where it
 is known for certain; elsewhere it is None (said in a comment) and the download is verified by size
@@ -19,17 +22,18 @@ import hashlib
 import http.client
 import logging
 import os
-import shutil
 import stat
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
+from galen.flows.ingest.limits import IngestLimits, resolve
 from galen.model.errors import GalenInputError
 
 log = logging.getLogger(__name__)
@@ -177,47 +181,86 @@ def _member_target(root: Path, name: str, archive: Path) -> Path:
     return target
 
 
-def _copy(src: IO[bytes], target: Path) -> None:
+def _copy(src: IO[bytes], target: Path, limits: IngestLimits, what: str) -> None:
+    """Stream one member to `target`, counting the bytes: a member that inflates past the limit
+    (whatever its header declared) stops there and its partial file is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with src, target.open("wb") as out:
-        shutil.copyfileobj(src, out, CHUNK)
+    written = 0
+    try:
+        with src, target.open("wb") as out:
+            while block := src.read(CHUNK):
+                written += len(block)
+                if written > limits.max_member_bytes:
+                    raise GalenInputError(limits.refusal(f"{what} decompressed (counted while extracting)",
+                                                         f"more than {limits.max_member_bytes:,} bytes",
+                                                         "max_member_bytes") + "; refusing to extract")
+                out.write(block)
+    except (GalenInputError, OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
+        target.unlink(missing_ok=True)
+        if isinstance(e, GalenInputError):
+            raise
+        raise GalenInputError(f"{what} cannot be extracted ({type(e).__name__}: {e}); a corrupt archive (e.g. a "
+                              "member longer or shorter than it declares) must be re-downloaded") from e
 
 
-def extract(archive: Path, dest: Path) -> Path:
-    """Unpack a .zip or .tar(.gz/.bz2/.xz) into `dest`; every member is checked before anything is written."""
+def _check_member(limits: IngestLimits, archive: Path, name: str, size: int, count: int) -> None:
+    """Refuse, before anything is written, an archive of too many members or a member declared too big."""
+    if count > limits.max_members:
+        raise GalenInputError(limits.refusal(f"{archive}: its member count", f"more than {limits.max_members:,} members",
+                                             "max_members", "members") + "; refusing to extract")
+    if size > limits.max_member_bytes:
+        raise GalenInputError(limits.refusal(f"{archive}: member {name!r} declares a decompressed size that", size,
+                                             "max_member_bytes") + "; refusing to extract")
+
+
+def extract(archive: Path, dest: Path, limits: IngestLimits | None = None) -> Path:
+    """Unpack a .zip or .tar(.gz/.bz2/.xz) into `dest`; every member is checked before anything is written.
+
+    `limits` (default: params.yaml `ingest.limits`) bound each member's decompressed size and the
+    number of members."""
     archive, dest = Path(archive), Path(dest)
+    limits = resolve(limits)
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     name = archive.name.lower()
     if name.endswith(".zip"):
         with zipfile.ZipFile(archive) as zf:
             plan = []
-            for info in zf.infolist():
+            for count, info in enumerate(zf.infolist(), start=1):
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
                     raise GalenInputError(f"{archive.name}: member {info.filename!r} is a symlink; refusing to extract")
+                _check_member(limits, archive, info.filename, info.file_size, count)
                 plan.append((info, _member_target(root, info.filename, archive)))
             for info, target in plan:
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                 else:
-                    _copy(zf.open(info), target)
+                    _copy(zf.open(info), target, limits, f"{archive}: member {info.filename!r}")
         return dest
     if name.endswith(TAR_SUFFIXES):
-        with tarfile.open(archive) as tf:
-            plan = []
-            for member in tf.getmembers():
-                if member.issym() or member.islnk():
-                    raise GalenInputError(f"{archive.name}: member {member.name!r} is a link; refusing to extract")
-                if not (member.isfile() or member.isdir()):
-                    raise GalenInputError(f"{archive.name}: member {member.name!r} is not a file or folder; "
-                                          "refusing to extract")
-                plan.append((member, _member_target(root, member.name, archive)))
-            for member, target in plan:
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                else:
-                    _copy(tf.extractfile(member), target)  # type: ignore[arg-type] - regular file
+        try:
+            with tarfile.open(archive) as tf:
+                plan = []
+                count = 0
+                while (member := tf.next()) is not None:  # one header at a time: the count is checked as it grows
+                    count += 1
+                    if member.issym() or member.islnk():
+                        raise GalenInputError(f"{archive.name}: member {member.name!r} is a link; refusing to extract")
+                    if not (member.isfile() or member.isdir()):
+                        raise GalenInputError(f"{archive.name}: member {member.name!r} is not a file or folder; "
+                                              "refusing to extract")
+                    _check_member(limits, archive, member.name, member.size, count)
+                    plan.append((member, _member_target(root, member.name, archive)))
+                for member, target in plan:
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        _copy(tf.extractfile(member), target, limits,  # type: ignore[arg-type] - regular file
+                              f"{archive}: member {member.name!r}")
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise GalenInputError(f"{archive} is not a readable tar archive ({type(e).__name__}: {e}); "
+                                  "re-download it") from e
         return dest
     raise GalenInputError(f"{archive.name}: can only extract .zip and .tar(.gz/.bz2/.xz) archives")
 
@@ -316,7 +359,7 @@ def medmnist_files(flags: list[str] | None = None, size: int | None = None) -> l
 
 
 def fetch(name: str, dest_dir: Path, *, flags: list[str] | None = None, size: int | None = None,
-          timeout: float = 60) -> Path:
+          timeout: float = 60, limits: IngestLimits | None = None) -> Path:
     """Download (and unpack) one entry of PUBLIC_DATASETS into `dest_dir`; returns the folder to ingest."""
     if name not in PUBLIC_DATASETS:
         raise GalenInputError(f"unknown dataset {name!r}; downloadable: {', '.join(sorted(PUBLIC_DATASETS))}")
@@ -330,5 +373,5 @@ def fetch(name: str, dest_dir: Path, *, flags: list[str] | None = None, size: in
     for remote in files:
         path = download(remote.url, dest_dir / remote.filename, remote.sha256, md5=remote.md5, timeout=timeout)
         if remote.extract:
-            extract(path, dest_dir)
+            extract(path, dest_dir, limits)
     return dest_dir

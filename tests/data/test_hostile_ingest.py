@@ -470,9 +470,9 @@ def test_cli_row_level_problems_are_quarantine_not_an_error(tmp_path: Path, caps
 
 def test_cli_mednli_line_with_a_bad_byte_is_a_row_not_a_traceback(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
-    write(tmp_path / "mli_train_v1.jsonl", b'{"sentence1": "a", "sentence2": "b", "gold_label": "neutral"}\n'
-                                           b'{"sentence1": "\xff", "sentence2": "b", "gold_label": "neutral"}\n')
-    rc = main(["ingest", "--format", "mednli", "--source", str(tmp_path), "--out", str(tmp_path / "out")])
+    write(tmp_path / "src" / "mli_train_v1.jsonl", b'{"sentence1": "a", "sentence2": "b", "gold_label": "neutral"}\n'
+                                                   b'{"sentence1": "\xff", "sentence2": "b", "gold_label": "neutral"}\n')
+    rc = main(["ingest", "--format", "mednli", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
     assert rc == 0 and capsys.readouterr().err == ""
     assert [r.problem is None for r in read_records(tmp_path / "out")] == [True, False]
 

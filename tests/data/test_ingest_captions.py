@@ -526,7 +526,7 @@ def test_webdataset_never_writes_outside_the_output(wds: Path, tmp_path: Path) -
     assert len(recs) == 9
     after = tree(tmp_path)
     created = set(after) - set(before)
-    assert created and all(p.startswith("out/") and p.endswith(".parquet") for p in created), created
+    assert created and all(p.startswith("out/") and p.endswith((".parquet", "/ingest.json")) for p in created), created
     assert all(after[p] == before[p] for p in before)
     assert not (tmp_path / "evil.txt").exists() and not (wds.parent / "evil.txt").exists()
     assert not Path(ABS_NAME).exists() and not Path.cwd().joinpath("evil.txt").exists()
@@ -598,4 +598,4 @@ def test_ingest_roundtrip_is_deterministic_and_stays_in_out_dir(all_sources: dic
         assert any(r.problem is None and r.image and r.target for r in first), fmt
     after = tree(tmp_path)
     assert all(after[p] == before[p] for p in before)
-    assert all(p.startswith("out/") and p.endswith(".parquet") for p in set(after) - set(before))
+    assert all(p.startswith("out/") and p.endswith((".parquet", "/ingest.json")) for p in set(after) - set(before))

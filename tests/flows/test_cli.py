@@ -268,3 +268,230 @@ def test_help_lists_the_options_with_their_help_texts():
 def test_bad_option_values_are_usage_errors_with_status_2(args, message):
     out = galen(*args, check=False)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile images and model files: one line `galen: error: ...`, exit status 2, never a traceback
+# (memory bombs through the command line: tests/model/test_hostile_models.py, in a capped process)
+# --------------------------------------------------------------------------------------------------
+def _refused(capsys, *args: str) -> str:
+    """Run `galen ARGS` in-process; it must exit 2 with exactly one `galen: error:` line and no warning."""
+    import warnings
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = main(list(args))
+    out = capsys.readouterr()
+    assert status == 2, out.err
+    assert "Traceback" not in out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("galen: error: "), out.err
+    assert not [w for w in caught if "DecompressionBomb" in w.category.__name__], caught  # Pillow's own warning
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def nano_model(demo_tokenizer, tmp_path_factory):
+    """A nano model folder with its tokenizer (what `galen model init --size nano` writes)."""
+    import torch
+
+    from galen.model.config import get_config
+    from galen.model.generalist import GalenModel
+
+    out = tmp_path_factory.mktemp("nano_cli")
+    torch.manual_seed(0)
+    GalenModel(get_config("nano", vocab_size=len(demo_tokenizer))).save_pretrained(out, demo_tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hostile_images(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(d / "ok.png")
+    (d / "zero.png").write_bytes(b"")
+    (d / "truncated.png").write_bytes((d / "ok.png").read_bytes()[:60])
+    (d / "text.png").write_text("this is not an image\n")
+    Image.new("1", (12000, 12000)).save(d / "oversized.png")  # 144 M pixels in a small file
+    return d
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing.png", "image file {path} not found"),
+    ("zero.png", "image file {path}: the image is empty (0 bytes)"),
+    ("truncated.png", "image file {path}: the image bytes are truncated or corrupt"),
+    ("text.png", "image file {path}: the image bytes cannot be decoded"),
+    ("oversized.png", "12000x12000 = 144,000,000 pixels, over the limit of 40,000,000"),
+])
+def test_generate_refuses_bad_image_files(capsys, nano_model, hostile_images, name, message):
+    path = hostile_images / name
+    said = _refused(capsys, "generate", "--model", str(nano_model), "--image", str(path), "--question", "a nodule?")
+    assert message.format(path=path) in said
+    from galen.model.vision import MAX_IMAGE_PIXELS
+
+    assert MAX_IMAGE_PIXELS == 40_000_000  # params.yaml validate.max_image_pixels
+
+
+def test_generate_takes_a_good_image(capsys, nano_model, hostile_images):
+    capsys.readouterr()
+    assert main(["generate", "--model", str(nano_model), "--image", str(hostile_images / "ok.png"), "--question",
+                 "is there a nodule?", "--candidates", "yes", "no"]) == 0
+    assert capsys.readouterr().out.strip() in {"yes", "no"}
+
+
+BROKEN_MODELS = {  # name: (config.json fields, model.safetensors bytes, the message)
+    "zero-byte-weights": (None, b"", "model.safetensors cannot be read as safetensors"),
+    "garbage-weights": (None, b"\xff" * 100, "model.safetensors cannot be read as safetensors"),
+    "zero-byte-config": ("", None, "config.json is not valid JSON"),
+    "d_model-abc": ({"d_model": "abc"}, None, "invalid model config: d_model must be an integer, got 'abc'"),
+    "d_model-negative": ({"d_model": -128}, None, "invalid model config: d_model=-128 is outside [1, 65,536]"),
+    "d_model-1e6": ({"d_model": 10 ** 6}, None, "invalid model config: d_model=1000000 is outside [1, 65,536]"),
+    "over-the-limit": ({"d_model": 32768}, None, "over the limit of 4,000,000,000"),
+    "other-weights": ({"d_model": 256}, None, "does not fit this model config"),
+}
+
+
+def _broken_model(base, dest, name):
+    import shutil
+
+    config, weights, _ = BROKEN_MODELS[name]
+    shutil.copytree(base, dest)
+    if config == "":
+        (dest / "config.json").write_bytes(b"")
+    elif config is not None:
+        (dest / "config.json").write_text(json.dumps(json.loads((dest / "config.json").read_text()) | config))
+    if weights is not None:
+        (dest / "model.safetensors").write_bytes(weights)
+    return dest
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "export"])
+@pytest.mark.parametrize("name", list(BROKEN_MODELS))
+def test_broken_model_folders_are_one_line_errors(capsys, tmp_path, nano_model, command, name):
+    model = str(_broken_model(nano_model, tmp_path / "m", name))
+    (tmp_path / "shards" / "vqa" / "test").mkdir(parents=True)
+    args = {"generate": ("generate", "--model", model, "--question", "is there a nodule?"),
+            "evaluate": ("evaluate", "--model", model, "--shards", str(tmp_path / "shards"), "--out",
+                         str(tmp_path / "metrics.json"), "--no-mlflow"),
+            "export": ("export", "--model", model, str(tmp_path / "exported"))}[command]
+    said = _refused(capsys, *args)
+    assert BROKEN_MODELS[name][2] in said
+
+
+@pytest.fixture(scope="module")
+def fairseq_checkpoint(tmp_path_factory):
+    from tests.conftest import REFERENCE_CHECK
+
+    out = tmp_path_factory.mktemp("fairseq")
+    subprocess.run([sys.executable, str(REFERENCE_CHECK / "make_weights.py"), "--layout", "fairseq", "--out",
+                    str(out)], check=True, capture_output=True)
+    return out / "checkpoint.pt"
+
+
+def test_import_checkpoint_refuses_empty_legacy_and_foreign_files(capsys, tmp_path, fairseq_checkpoint):
+    import pickle
+
+    import torch
+
+    from galen.model.interop import read_torch_file
+
+    def refused(path):
+        return _refused(capsys, "import-checkpoint", "--from", "fairseq", str(path), "--out", str(tmp_path / "o"),
+                        "--no-tokenizer")
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "empty.pt is empty (0 bytes)" in refused(tmp_path / "empty.pt")
+    torch.save(read_torch_file(fairseq_checkpoint), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    said = refused(tmp_path / "legacy.pt")
+    assert "legacy (non-zip) torch format" in said and "re-save it with torch.save(" in said
+    assert "trusted environment" in said and "truncated or corrupt" not in said
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": {}}))
+    assert "plain Python pickle" in refused(tmp_path / "plain.pkl")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert "not a readable PyTorch checkpoint" in refused(tmp_path / "notes.pt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_import_checkpoint_never_resolves_the_files_interpolations(capsys, tmp_path, fairseq_checkpoint, monkeypatch):
+    """`${oc.env:VAR}` in a checkpoint's omegaconf cfg would read this machine's environment: the value of
+    a real variable appears in no output, no error and no file written."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from galen.model.interop import read_torch_file
+
+    secret_env, secret = "GALEN_CLI_TEST_SECRET", "cli-secret-7c2e-never-shown"
+    monkeypatch.setenv(secret_env, secret)
+    ckpt = read_torch_file(fairseq_checkpoint)
+    args = {k: v for k, v in vars(ckpt.pop("args")).items() if not isinstance(v, (list, tuple))}
+    env = f"${{oc.env:{secret_env}}}"
+    for name, model_fields, ok in [("armed", {"dropout": env}, False), ("quiet", {"_name": env}, True)]:
+        cfg = OmegaConf.create({"model": args | model_fields, "common": {"wandb_entity": env}})
+        assert secret in json.dumps(OmegaConf.to_container(cfg, resolve=True))  # armed: resolving would leak it
+        torch.save({**ckpt, "cfg": cfg}, tmp_path / f"{name}.pt")
+        argv = ["import-checkpoint", "--from", "fairseq", str(tmp_path / f"{name}.pt"), "--out",
+                str(tmp_path / name), "--no-tokenizer"]
+        if ok:
+            capsys.readouterr()
+            assert main(argv) == 0
+            out = capsys.readouterr()
+            assert secret not in out.out + out.err and "imported a custom model" in out.out
+            written = b"".join(p.read_bytes() for p in (tmp_path / name).rglob("*") if p.is_file())
+            assert secret.encode() not in written
+        else:
+            said = _refused(capsys, *argv)
+            assert secret not in said and f"config field dropout is '{env}', not a number" in said
+
+
+@pytest.fixture(scope="module")
+def micro_clip(demo_tokenizer, tmp_path_factory):
+    from galen.model.clip import ClipModel
+
+    out = tmp_path_factory.mktemp("micro_clip")
+    return ClipModel.create("micro", demo_tokenizer, seed=0).save_pretrained(out)
+
+
+def test_clip_import_and_embed_refuse_hostile_folders(capsys, tmp_path, micro_clip, hostile_images):
+    import argparse
+    import shutil
+
+    import torch
+
+    def copy(name):
+        shutil.copytree(micro_clip, tmp_path / name)
+        return tmp_path / name
+
+    # weights that need a class the safe unpickler does not allow: refused, without torch's advice to turn it off
+    odd = copy("odd")
+    (odd / "open_clip_model.safetensors").unlink()
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, odd / "open_clip_pytorch_model.bin")
+    said = _refused(capsys, "clip", "import", str(odd), "--out", str(tmp_path / "out"))
+    assert "refused: unpickling it would import argparse.Namespace" in said
+    assert "weights_only" not in said and "arbitrary code execution" not in said
+    torch.save({"visual.proj": torch.zeros(2)}, odd / "open_clip_pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    assert "legacy (non-zip) torch format" in _refused(capsys, "clip", "import", str(odd), "--out", str(tmp_path / "o"))
+    (odd / "open_clip_pytorch_model.bin").write_bytes(b"")
+    assert "is empty (0 bytes)" in _refused(capsys, "clip", "embed", "--model", str(odd), "--text", "a nodule")
+
+    deep = copy("deep")
+    config = json.loads((deep / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["layers"] = 10 ** 6
+    (deep / "open_clip_config.json").write_text(json.dumps(config))
+    said = _refused(capsys, "clip", "embed", "--model", str(deep), "--text", "a nodule")
+    assert "model_cfg.text_cfg.layers=1000000 is outside [-1, 256]" in said
+
+    # the image is checked before the model is loaded, with the same limits as generate's
+    for name, message in [("missing.png", "not found"), ("oversized.png", "over the limit of 40,000,000")]:
+        said = _refused(capsys, "clip", "embed", "--model", str(micro_clip), "--image", str(hostile_images / name),
+                        "--labels", "nodule", "effusion")
+        assert message in said
+
+
+def test_clip_register_with_a_clip_entry_that_is_not_a_section(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("clip: 3\n")
+    said = _refused(capsys, "clip", "register", "--model", str(tmp_path), "--params", str(tmp_path / "params.yaml"))
+    assert "params.yaml `clip:` must be a section" in said

@@ -5,12 +5,14 @@ demo nano model registered with chosen eval metrics, so which one is "better" is
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,11 +55,12 @@ def config(name: str) -> RegistryConfig:
     return cfg
 
 
-@pytest.fixture(scope="module", params=["sqlite", "server"])
-def store(request, tmp_path_factory):
-    """(uri, folder): the default local store of a project folder, or a real server proxying to S3."""
-    folder = tmp_path_factory.mktemp(f"store_{request.param}")
-    if request.param == "sqlite":
+@contextlib.contextmanager
+def open_store(kind: str, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """(uri, folder): the default local store of a project folder ("sqlite"), or a real server proxying
+    to S3 ("server"), stopped afterwards."""
+    folder = tmp_path_factory.mktemp(f"store_{kind}")
+    if kind == "sqlite":
         (folder / "params.yaml").write_text("demo: {}\n")
         old = os.environ.pop("MLFLOW_TRACKING_URI", None)
         try:
@@ -70,6 +73,13 @@ def store(request, tmp_path_factory):
 
     with mlflow_server_on_s3(folder) as (url, _s3):
         yield url, folder
+
+
+@pytest.fixture(scope="module", params=["sqlite", "server"])
+def store(request, tmp_path_factory):
+    """(uri, folder) of both stores, one after the other (open_store)."""
+    with open_store(request.param, tmp_path_factory) as opened:
+        yield opened
 
 
 def new_version(uri: str, model_dir: Path, folder: Path, cfg: RegistryConfig, vqa: float, nli: float) -> str:

@@ -15,6 +15,7 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ NLI = [("yes", "yes"), ("yes", "no"), ("yes", "no"), ("no", "no"), ("no", "no"),
 
 class ScriptedPredictor:
     """Stands in for `GalenPredictor`: answers from the request alone, as listed above."""
+
+    image_size = 128  # the size its model takes (the shards below are written for it)
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
@@ -70,6 +73,7 @@ class ScriptedEmbeddings:
     """Stands in for `ClipModel`: an image embeds as what it looks like, a text as itself."""
 
     vocab = sorted(set(LABELS) | set(CAPTIONS))
+    spec = SimpleNamespace(image_size=64)
 
     def _embed(self, keys):
         return torch.nn.functional.one_hot(torch.tensor([self.vocab.index(k) for k in keys]), len(self.vocab)).float()
@@ -128,6 +132,7 @@ def write_shards(shards: Path) -> dict[str, str]:
     for (task, split), records in by_task.items():
         with ShardWriter(shards / task / split) as writer:
             writer.write_all(records)
+    (shards / "manifest.json").write_text(json.dumps({"image_size": 128, "models": {"generalist": 128, "clip": 64}}))
     return answers
 
 
