@@ -521,9 +521,9 @@ def load_file_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: Path, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
-    """Weights of a file: safetensors, or a torch file (zip checked, weights-only unpickler, memory-mapped:
+    """Weights of a file: safetensors, or a torch file (zip checked, weights-only unpickler:
     model.torch_files). With `expected` (name -> shape of the model they must fit), the shapes the file
-    declares are checked before its tensors are read."""
+    declares are checked before the model takes them (safetensors: before they are read)."""
     from galen.model.torch_files import read_torch_file
 
     state: Any  # whatever the file holds; checked below

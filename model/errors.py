@@ -25,6 +25,12 @@ class GalenTokenizerError(GalenError, ValueError):
     """A tokenizer that cannot be trained, loaded or used as asked."""
 
 
+# What `json.loads` raises on hostile text. JSONDecodeError and UnicodeDecodeError are ValueErrors, and so
+# is an integer literal longer than Python converts (4,300 digits); nesting deeper than the recursion limit
+# (`[[[[...`) raises RecursionError. Every parse of untrusted JSON catches all of these.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
 def read_json(path, expect: type, hint: str, error: type[GalenError] = GalenInputError):
     """Parse a JSON file whose top level must be `expect` (dict or list), or raise `error` saying
     what is wrong with it followed by `hint` (what to do about it). Used for every JSON file a user
@@ -35,7 +41,7 @@ def read_json(path, expect: type, hint: str, error: type[GalenError] = GalenInpu
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except JSON_ERRORS as e:
         raise error(f"{path} is not valid JSON ({e}); {hint}") from e
     if not isinstance(data, expect):
         raise error(f"{path} must hold a JSON {'object' if expect is dict else 'list'}, found a JSON "

@@ -4,9 +4,10 @@ code and without letting the file decide how much memory is spent.
 Before anything is unpickled the zip directory is checked: `torch.save` writes one *stored* (never
 compressed) record per tensor storage, so a compressed record is a file torch did not write and could
 inflate far beyond its size (a zip bomb) — it is refused, as are records that claim more bytes than
-the file holds. The pickle then goes through torch's weights-only unpickler, and the storages are
-memory-mapped rather than read, so tensors cost memory only when a caller uses them, after it has
-checked their shapes against the config they must fit.
+the file holds, so what is read is bounded by the file's own size. The pickle then goes through
+torch's weights-only unpickler. The storages are read, not memory-mapped: a caller may save over the
+file it loaded (load, edit, `torch.save` to the same path), which truncates a mapped file under the
+tensors still using it (SIGBUS).
 
 The legacy (pre-1.6, non-zip) format is refused: its storage sizes are declared inside the pickle
 stream and allocated as they are read, so they cannot be checked first.
@@ -82,8 +83,8 @@ def check_torch_zip(path: Path) -> None:
 
 def read_torch_file(path: str | Path, allowed_globals: Sequence[Any] = (), what: str = "checkpoint") -> Any:
     """torch.load of an untrusted file: the zip checked first, then the weights-only unpickler with
-    `allowed_globals` added (e.g. the config classes a fairseq checkpoint pickles); storages are
-    memory-mapped. Never runs code; every problem is a GalenCheckpointError."""
+    `allowed_globals` added (e.g. the config classes a fairseq checkpoint pickles). Never runs code;
+    every problem is a GalenCheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise GalenCheckpointError(f"{what} file {path} not found")
@@ -91,7 +92,7 @@ def read_torch_file(path: str | Path, allowed_globals: Sequence[Any] = (), what:
     allowed = list(allowed_globals)
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))

@@ -470,3 +470,17 @@ def test_open_clip_weights_of_another_shape_are_refused_from_the_header(tmp_path
     monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("tensors read before the check"))
     with pytest.raises(GalenCheckpointError, match=r"does not fit open_clip_config\.json .*visual\.proj \(3, 3\)"):
         clip_module.ClipModel.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_read_can_be_saved_over_in_place(tmp_path):
+    """Load, edit, save to the same path (what a user fixing a released checkpoint's args does): the
+    tensors read must not depend on the file any more (a memory-mapped read died of SIGBUS here)."""
+    from galen.model.torch_files import read_torch_file
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {"w": torch.arange(1 << 16, dtype=torch.float32)}, "args": {"lr": 1}}, path)
+    ckpt = read_torch_file(path)
+    ckpt["args"]["lr"] = 2
+    torch.save(ckpt, path)  # truncates and rewrites the file the tensors came from
+    again = read_torch_file(path)
+    assert again["args"]["lr"] == 2 and torch.equal(again["model"]["w"], torch.arange(1 << 16, dtype=torch.float32))
