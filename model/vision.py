@@ -303,7 +303,7 @@ def load_image(image: Image.Image | np.ndarray | bytes, max_pixels: int = MAX_IM
                               "sending") from e
     except Image.UnidentifiedImageError as e:
         raise GalenInputError(f"the image bytes cannot be decoded: these {len(image):,} bytes are not in an image "
-                              "format Galen reads (PNG, JPEG, TIFF, BMP, ... or DICOM)") from e
+                              "format Galen reads; send PNG, JPEG or DICOM") from e
     except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many kinds; all mean unreadable bytes
         raise GalenInputError(f"the image bytes cannot be decoded ({type(e).__name__}: {_said(e)}); send PNG, "
                               "JPEG or DICOM") from e
